@@ -1,0 +1,99 @@
+"""brama_mq's error hierarchy.
+
+A leaf module (imports nothing from brama_mq) so every layer, the sans-I/O core
+included, can raise these. Transport code maps kombu/amqp errors onto them and keeps
+the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BramaError(Exception):
+    """Base class of every error brama_mq raises on purpose."""
+
+
+class InvalidNameError(BramaError, ValueError):
+    """A scope or connection name that cannot travel as one routing-key word."""
+
+    def __init__(self, field: str, value: object, problem: str) -> None:
+        self.field = field
+        self.value = value
+        self.problem = problem
+        super().__init__(f"invalid {field} {value!r}: {problem}")
+
+
+class PolicyError(BramaError, ValueError):
+    """A breaker policy option with a bad value; names the option."""
+
+    def __init__(self, field: str, value: object, problem: str) -> None:
+        self.field = field
+        self.value = value
+        self.problem = problem
+        super().__init__(f"invalid policy option {field}={value!r}: {problem}")
+
+
+class FilterError(BramaError, ValueError):
+    """A subscription filter that cannot become a binding (e.g. an unknown event name)."""
+
+
+class ProtocolError(BramaError, ValueError):
+    """A wire message that cannot be decoded; ``field`` and ``value`` say what was wrong."""
+
+    def __init__(self, message: str, *, field: str | None = None, value: Any = None) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(message)
+
+
+class NotRegisteredError(BramaError, LookupError):
+    """A command or query named a connection the owner does not know."""
+
+
+class AlreadyRegisteredError(BramaError):
+    """``register`` of a connection that already exists (reported, never raised by the owner)."""
+
+
+class TransportError(BramaError):
+    """Talking to the broker failed; the kombu/amqp error is kept as ``__cause__``."""
+
+
+class BrokerUnavailableError(TransportError, ConnectionError):
+    """The broker could not be reached (refused, reset, timed out)."""
+
+
+class ConfirmError(TransportError):
+    """The broker did not confirm a critical publish (nack, or confirms timed out)."""
+
+
+class OutboxFullError(TransportError):
+    """The client's bounded outbox is full while the broker is away; nothing was queued."""
+
+
+class RequestTimeoutError(BramaError, TimeoutError):
+    """An RPC to the owner got no answer in time (no owner running, or it is overloaded)."""
+
+
+class CircuitOpenError(BramaError):
+    """A guarded call refused because the circuit is open (or half-open with no permit)."""
+
+    def __init__(
+        self,
+        connection: str,
+        scope: str | None,
+        state: str,
+        retry_after_ms: int | None,
+    ) -> None:
+        self.connection = connection
+        self.scope = scope
+        self.state = state
+        self.retry_after_ms = retry_after_ms
+        where = connection if scope is None else f"{scope}/{connection}"
+        left = "until closed by hand" if retry_after_ms is None else f"{retry_after_ms} ms left"
+        super().__init__(f"circuit {where} is {state} ({left})")
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until a call may be tried again (None: open until closed by hand)."""
+        return None if self.retry_after_ms is None else self.retry_after_ms / 1000.0
