@@ -1,0 +1,127 @@
+"""``brama-mq``: the command line.
+
+Exit codes scripts can rely on: 0 ok, 1 the operation failed (broker away, refused),
+2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+
+from brama_mq.errors import BramaError
+from brama_mq.settings import MEMORY_URL, Settings, SettingsError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    click.echo(f"brama-mq: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="brama-mq")
+def main() -> None:
+    """Circuit breakers and status notifications over RabbitMQ."""
+
+
+@main.command()
+@click.option("--broker", default=MEMORY_URL, show_default=True,
+              help="Broker URL; the default runs on the embedded in-process transport.")
+@click.option("--prefix", default=None, help="Name prefix (default: a fresh demo prefix).")
+@click.option("--seconds", default=8.0, show_default=True, help="How long the demo runs.")
+@click.option("--seed", default=7, show_default=True, help="Seed of the simulated failures.")
+@click.option("--plain", is_flag=True, help="Print lines instead of a live table.")
+def demo(broker: str, prefix: str | None, seconds: float, seed: int, plain: bool) -> None:
+    """Run an owner, a client and a subscriber against a simulated flaky service.
+
+    \b
+    Examples:
+      brama-mq demo
+      brama-mq demo --broker amqp://guest:guest@127.0.0.1:5672// --seconds 5
+    """
+    from brama_mq.demo import run_demo
+
+    try:
+        report = run_demo(
+            broker_url=broker, prefix=prefix, seconds=seconds, seed=seed,
+            live=False if plain else None,
+        )
+    except BramaError as exc:
+        _fail(str(exc))
+    if not report.transitions:
+        _fail("the demo saw no state change; something is wrong")
+
+
+@main.command()
+@click.option("--broker", "broker_url", default=None,
+              help="Broker URL [env BRAMA_BROKER_URL; default amqp://guest:***@127.0.0.1:5672//].")
+@click.option("--prefix", default=None, help="Name prefix [env BRAMA_PREFIX; default brama].")
+@click.option("--shard", type=int, default=None, help="Serve this shard (with BRAMA_SHARDS > 1).")
+@click.option("--shards", type=int, default=None, help="Number of shards [env BRAMA_SHARDS].")
+@click.option("--prefetch", type=int, default=None, help="Prefetch window [env BRAMA_PREFETCH].")
+@click.option("--log-level", default=None, help="Log level [env BRAMA_LOG_LEVEL; default INFO].")
+def worker(
+    broker_url: str | None,
+    prefix: str | None,
+    shard: int | None,
+    shards: int | None,
+    prefetch: int | None,
+    log_level: str | None,
+) -> None:
+    """Run a state owner: consume commands, run the breakers, publish events.
+
+    Several workers may run; the single-active-consumer queue picks the active one.
+    SIGTERM finishes and acknowledges the batch in hand, then exits 0.
+
+    \b
+    Examples:
+      brama-mq worker
+      BRAMA_BROKER_URL=amqp://user:pass@rabbit:5672/prod brama-mq worker --prefix brama
+    """
+    from brama_mq.owner import Owner
+    from brama_mq.transport import Topology, open_transport
+
+    try:
+        settings = Settings.from_env(
+            broker_url=broker_url, prefix=prefix, shards=shards, prefetch=prefetch,
+            log_level=log_level,
+        )
+    except SettingsError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if shard is not None and not 0 <= shard < settings.shards:
+        _fail(f"--shard {shard} is outside 0..{settings.shards - 1}", EXIT_USAGE)
+    try:
+        transport = open_transport(settings.broker_url, Topology(settings.prefix, settings.shards))
+        owner = Owner(
+            transport, prefetch=settings.prefetch, shard=shard,
+            max_command_bytes=settings.max_command_bytes,
+        )
+
+        def _stop(signum: int, _frame: Any) -> None:
+            logging.getLogger("brama_mq.owner").info("signal %d: finishing the batch in hand", signum)
+            owner.stop()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        logging.getLogger("brama_mq.owner").info(
+            "worker starting: broker %s, prefix %s", settings.safe_broker_url, settings.prefix
+        )
+        owner.run()
+        transport.close()
+    except BramaError as exc:
+        _fail(f"{exc} (broker {settings.safe_broker_url})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

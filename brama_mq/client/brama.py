@@ -1,0 +1,283 @@
+"""The ``Brama`` client: report outcomes, steer circuits, ask the owner.
+
+Everything a command needs is checked here, before anything is sent, so a typo fails
+in the caller's stack with the bad value named, not later in a dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from brama_mq.core.events import OPEN
+from brama_mq.core.policy import DEFAULT_POLICY, check_metadata
+from brama_mq.core.routing import check_names, stable_shard
+from brama_mq.errors import (
+    AlreadyRegisteredError,
+    CommandRejectedError,
+    NotRegisteredError,
+    PolicyError,
+)
+from brama_mq.owner.service import wall_clock_ms
+from brama_mq.protocol import Command, Event, Reply, decode_reply, encode_command, make_command
+from brama_mq.settings import Settings
+from brama_mq.transport import Topology, Transport, open_transport
+from brama_mq.transport.base import ClientLink
+
+_UNSET: Any = object()
+
+
+@dataclass(slots=True)
+class Applied:
+    """What the owner did with a command sent with ``wait=True``."""
+
+    status: str
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def event_names(self) -> list[str]:
+        return [e.event for e in self.events]
+
+
+class Brama:
+    """A handle on a brama_mq deployment. Thread-safe; one per process is plenty."""
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        *,
+        transport: Transport | None = None,
+        prefix: str | None = None,
+        shards: int | None = None,
+        settings: Settings | None = None,
+        request_timeout: float = 5.0,
+    ) -> None:
+        if settings is None:
+            settings = Settings.from_env(broker_url=broker_url, prefix=prefix, shards=shards)
+        self.settings = settings
+        self._owns_transport = transport is None
+        if transport is None:
+            transport = open_transport(settings.broker_url, Topology(settings.prefix, settings.shards))
+        self.transport = transport
+        self.request_timeout = request_timeout
+        self._link: ClientLink | None = None
+        self._lock = threading.Lock()
+        self.local_view: Any = None  # set by brama_mq.celery / LocalView.attach
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def link(self) -> ClientLink:
+        link = self._link
+        if link is None:
+            with self._lock:
+                if self._link is None:
+                    self._link = self.transport.client_link()
+                link = self._link
+        return link
+
+    def _route(self, scope: str | None, connection: str | None) -> str:
+        shards = self.transport.topology.shards
+        if shards <= 1 or connection is None:
+            return "owner"
+        return f"owner.{stable_shard(scope, connection, shards)}"
+
+    def _send(self, command: Command, wait: bool) -> Applied | None:
+        body = encode_command(command)
+        key = self._route(command.scope, command.connection)
+        if not wait:
+            self.link.send(body, key, message_id=command.id)
+            return None
+        reply = decode_reply(self.link.request(body, self.request_timeout, key))
+        result = reply.result if isinstance(reply.result, Mapping) else {}
+        status = str(result.get("status", "applied" if reply.ok else "invalid"))
+        if not reply.ok and status != "already_registered":
+            if status == "not_registered":
+                raise NotRegisteredError(reply.error or "not registered")
+            raise CommandRejectedError(status, reply.error or status)
+        return Applied(status, [Event.model_validate(e) for e in reply.events])
+
+    def _query(self, op: str, connection: str | None, scope: str | None, **options: Any) -> Any:
+        command = make_command(op, connection, scope, options=options, now_ms=wall_clock_ms())
+        key = self._route(scope, connection)
+        reply: Reply = decode_reply(self.link.request(encode_command(command), self.request_timeout, key))
+        if not reply.ok:
+            status = reply.result.get("status") if isinstance(reply.result, Mapping) else None
+            if status == "not_registered":
+                raise NotRegisteredError(reply.error or "not registered")
+            raise CommandRejectedError(str(status or "invalid"), reply.error or "query refused")
+        return reply.result
+
+    def _command(
+        self,
+        op: str,
+        connection: str | None,
+        scope: str | None,
+        *,
+        reason: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        wait: bool = False,
+    ) -> Applied | None:
+        if connection is not None:
+            check_names(scope, connection)
+        command = make_command(
+            op, connection, scope, reason=reason, options=dict(options or {}), now_ms=wall_clock_ms()
+        )
+        return self._send(command, wait)
+
+    # ------------------------------------------------------------------ commands
+    def register(
+        self,
+        connection: str,
+        *,
+        scope: str | None = None,
+        wait: bool = False,
+        strict: bool = False,
+        **options: Any,
+    ) -> Applied | None:
+        """Register a connection; options are the policy (``max_attempts``, ``expiry_ms``…).
+
+        A duplicate changes nothing; with ``wait=True, strict=True`` it raises
+        AlreadyRegisteredError.
+        """
+        _check_options(options)
+        applied = self._command("register", connection, scope, options=options, wait=wait)
+        if strict and applied is not None and applied.status == "already_registered":
+            raise AlreadyRegisteredError(f"{connection!r} is already registered")
+        return applied
+
+    def unregister(
+        self, connection: str, *, scope: str | None = None, wait: bool = False
+    ) -> Applied | None:
+        return self._command("unregister", connection, scope, wait=wait)
+
+    def success(
+        self,
+        connection: str,
+        *,
+        scope: str | None = None,
+        lease: str | None = None,
+        wait: bool = False,
+    ) -> Applied | None:
+        options = {"lease": lease} if lease else None
+        return self._command("success", connection, scope, options=options, wait=wait)
+
+    def failure(
+        self,
+        connection: str,
+        *,
+        scope: str | None = None,
+        reason: str | None = None,
+        lease: str | None = None,
+        wait: bool = False,
+    ) -> Applied | None:
+        options = {"lease": lease} if lease else None
+        return self._command("failure", connection, scope, reason=reason, options=options, wait=wait)
+
+    def open(
+        self,
+        connection: str,
+        *,
+        scope: str | None = None,
+        expiry_ms: int | None = _UNSET,
+        reason: str | None = None,
+        wait: bool = False,
+    ) -> Applied | None:
+        """Open by hand; ``expiry_ms=None`` keeps it open until ``close``/``reset``."""
+        options = {} if expiry_ms is _UNSET else {"expiry_ms": expiry_ms}
+        if expiry_ms is not _UNSET and expiry_ms is not None:
+            _check_options({"expiry_ms": expiry_ms})
+        return self._command("open", connection, scope, reason=reason, options=options, wait=wait)
+
+    def close(
+        self,
+        connection: str,
+        *,
+        scope: str | None = None,
+        reason: str | None = None,
+        wait: bool = False,
+    ) -> Applied | None:
+        """Close by hand (the failure count starts again from zero)."""
+        return self._command("close", connection, scope, reason=reason, wait=wait)
+
+    def reset(
+        self,
+        connection: str,
+        *,
+        scope: str | None = None,
+        reason: str | None = None,
+        wait: bool = False,
+    ) -> Applied | None:
+        return self._command("reset", connection, scope, reason=reason, wait=wait)
+
+    def configure(
+        self,
+        connection: str | None = None,
+        *,
+        scope: str | None = None,
+        wait: bool = False,
+        **options: Any,
+    ) -> Applied | None:
+        """Change some policy options of one connection (or, with no connection, the defaults)."""
+        if not options:
+            raise PolicyError("options", options, "configure needs at least one option")
+        _check_options(options)
+        return self._command("configure", connection, scope, options=options, wait=wait)
+
+    # ------------------------------------------------------------------ queries
+    def status(self, connection: str, *, scope: str | None = None) -> dict[str, Any]:
+        check_names(scope, connection)
+        result: dict[str, Any] = self._query("status", connection, scope)
+        return result
+
+    def snapshot(self, scope: str | None = None) -> list[dict[str, Any]]:
+        """Status of every connection (or one scope's), gathered across shards."""
+        shards = self.transport.topology.shards
+        out: list[dict[str, Any]] = []
+        for k in range(shards):
+            command = make_command("snapshot", None, scope, now_ms=wall_clock_ms())
+            key = "owner" if shards <= 1 else f"owner.{k}"
+            reply = decode_reply(self.link.request(encode_command(command), self.request_timeout, key))
+            if not reply.ok:
+                raise CommandRejectedError("invalid", reply.error or "snapshot refused")
+            out.extend(reply.result["connections"])
+        return out
+
+    def acquire_probe(self, connection: str, *, scope: str | None = None) -> dict[str, Any]:
+        """Ask for one of the half-open trial calls (granted at once when closed)."""
+        result: dict[str, Any] = self._query("acquire_probe", connection, scope)
+        return result
+
+    def release_probe(self, connection: str, lease: str, *, scope: str | None = None) -> bool:
+        return bool(self._query("release_probe", connection, scope, lease=lease)["released"])
+
+    def available(self, connection: str, *, scope: str | None = None) -> bool:
+        """Closed or half-open: from the local view when one runs, else asked of the owner."""
+        view = self.local_view
+        if view is not None:
+            state = view.state(connection, scope)
+            if state is not None:
+                return bool(state != OPEN)
+        return bool(self.status(connection, scope=scope)["state"] != OPEN)
+
+    # ------------------------------------------------------------------ lifecycle
+    def disconnect(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+        if self._owns_transport:
+            self.transport.close()
+
+    def __enter__(self) -> Brama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.disconnect()
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Validate policy options here, so the caller hears about a bad one at once."""
+    DEFAULT_POLICY.updated(options)
+    if "metadata" in options:
+        check_metadata(options["metadata"])

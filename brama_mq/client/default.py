@@ -1,0 +1,73 @@
+"""A module-level default client, so ``brama_mq.failure("payment_api")`` reads like Brama.
+
+Created on first use from ``BRAMA_*`` settings; replace it with ``set_default_client``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from brama_mq.client.brama import Applied, Brama
+
+_lock = threading.Lock()
+_default: Brama | None = None
+
+
+def default_client() -> Brama:
+    global _default
+    client = _default
+    if client is None:
+        with _lock:
+            if _default is None:
+                _default = Brama()
+            client = _default
+    return client
+
+
+def set_default_client(client: Brama | None) -> Brama | None:
+    """Install ``client`` as the default (None: build a new one on next use); returns the old."""
+    global _default
+    with _lock:
+        old, _default = _default, client
+    return old
+
+
+def register(connection: str, **kwargs: Any) -> Applied | None:
+    return default_client().register(connection, **kwargs)
+
+
+def unregister(connection: str, **kwargs: Any) -> Applied | None:
+    return default_client().unregister(connection, **kwargs)
+
+
+def success(connection: str, **kwargs: Any) -> Applied | None:
+    return default_client().success(connection, **kwargs)
+
+
+def failure(connection: str, **kwargs: Any) -> Applied | None:
+    return default_client().failure(connection, **kwargs)
+
+
+def open_circuit(connection: str, **kwargs: Any) -> Applied | None:
+    return default_client().open(connection, **kwargs)
+
+
+def close_circuit(connection: str, **kwargs: Any) -> Applied | None:
+    return default_client().close(connection, **kwargs)
+
+
+def reset_circuit(connection: str, **kwargs: Any) -> Applied | None:
+    return default_client().reset(connection, **kwargs)
+
+
+def configure(connection: str | None = None, **kwargs: Any) -> Applied | None:
+    return default_client().configure(connection, **kwargs)
+
+
+def status(connection: str, **kwargs: Any) -> dict[str, Any]:
+    return default_client().status(connection, **kwargs)
+
+
+def available(connection: str, **kwargs: Any) -> bool:
+    return default_client().available(connection, **kwargs)
