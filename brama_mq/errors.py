@@ -55,6 +55,14 @@ class AlreadyRegisteredError(BramaError):
     """``register`` of a connection that already exists (reported, never raised by the owner)."""
 
 
+class CommandRejectedError(BramaError):
+    """The owner refused a command sent with ``wait=True``; ``status`` says why."""
+
+    def __init__(self, status: str, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
 class TransportError(BramaError):
     """Talking to the broker failed; the kombu/amqp error is kept as ``__cause__``."""
 
