@@ -169,7 +169,7 @@ class Engine:
         self._last_seq: dict[Key, int] = {}  # seq of removed connections, so it never restarts
         self._timers: list[tuple[int, int, int, _Conn, int]] = []
         self._order = itertools.count()
-        self._lease_counter = itertools.count(1)
+        self._next_lease = 1  # in snapshots, so a restored engine never reissues a lease id
         self._ops: dict[str, Callable[[CommandLike, int], Result]] = {
             "register": self._cmd_register,
             "unregister": self._cmd_unregister,
@@ -271,10 +271,8 @@ class Engine:
         if policy.inactive_ms is not None:
             self._push(now + policy.inactive_ms, _IDLE, c, 0)
         data = {"policy": policy.to_options(), "metadata": c.metadata or {}}
-        return Result(
-            APPLIED,
-            [self._event(c, ev.REGISTRATION, now, data), self._event(c, ev.CONNECTION_REGISTERED, now, data)],
-        )
+        first = self._event(c, ev.REGISTRATION, now, data)
+        return Result(APPLIED, [first, self._event(c, ev.CONNECTION_REGISTERED, now, data)])
 
     def unregister(self, scope: str | None, connection: str, now: int) -> Result:
         c = self._conns.get((scope, connection))
@@ -405,6 +403,7 @@ class Engine:
     ) -> Result:
         """Partial policy update of one connection, or of the defaults (connection None)."""
         if connection is None:
+            check_metadata(options.get("metadata"))  # not kept in the defaults, but validated
             self.defaults = self.defaults.updated(options)
             return Result(APPLIED, [], value=self.defaults.to_options())
         c = self._conns.get((scope, connection))
@@ -418,7 +417,8 @@ class Engine:
             c.failure_count = 0
         old_idle = c.policy.inactive_ms
         c.policy = policy
-        if old_idle is None and policy.inactive_ms is not None:
+        if policy.inactive_ms is not None and (old_idle is None or policy.inactive_ms < old_idle):
+            # The pending check may be later than the new period allows: add an earlier one.
             self._push(c.last_activity + policy.inactive_ms, _IDLE, c, 0)
         return Result(APPLIED, [], value=self._status(c, None))
 
@@ -437,7 +437,9 @@ class Engine:
         if len(leases) >= c.policy.half_open_permits:
             soonest = min(leases.values())
             return Probe(False, HALF_OPEN, retry_after_ms=max(0, soonest - now))
-        lease = f"{c.id_base}-{next(self._lease_counter):x}"
+        number = self._next_lease
+        self._next_lease = number + 1
+        lease = f"{c.id_base}-{number:x}"
         expires = now + c.policy.probe_timeout_ms
         leases[lease] = expires
         self._push(expires, _LEASE, c, c.timer_gen)
@@ -493,6 +495,7 @@ class Engine:
         previous = c.state
         c.state = OPEN
         c.opened_at = now
+        c.last_activity = now  # transitions count as activity for the inactivity cleanup
         c.held = period is None
         c.open_until = None if period is None else now + period
         c.probe_successes = 0
@@ -515,6 +518,7 @@ class Engine:
 
     def _half_open(self, c: _Conn, now: int, out: list[Event]) -> None:
         c.state = HALF_OPEN
+        c.last_activity = now
         c.open_until = None
         c.held = False
         c.probe_successes = 0
@@ -528,6 +532,7 @@ class Engine:
     def _close(self, c: _Conn, now: int, kind: str, reason: str, out: list[Event]) -> None:
         previous = c.state
         c.state = CLOSED
+        c.last_activity = now
         c.failure_count = 0
         c.reopen_level = 0
         c.opened_at = None
@@ -595,7 +600,7 @@ class Engine:
 
     def _cmd_open(self, cmd: CommandLike, now: int) -> Result:
         opts = cmd.options or {}
-        expiry = opts["expiry_ms"] if "expiry_ms" in opts else _UNSET
+        expiry = opts.get("expiry_ms", _UNSET)
         return self.open(cmd.scope, _name(cmd), now, expiry_ms=expiry, reason=cmd.reason)
 
     def _cmd_close(self, cmd: CommandLike, now: int) -> Result:
@@ -622,6 +627,7 @@ class Engine:
             "defaults": self.defaults.to_options(),
             "connections": conns,
             "removed_seq": last_seq,
+            "next_lease": self._next_lease,
         }
 
     @classmethod
@@ -638,6 +644,7 @@ class Engine:
             engine._arm(c)
         for scope, connection, seq in snapshot.get("removed_seq", []):
             engine._last_seq[(scope, connection)] = seq
+        engine._next_lease = snapshot.get("next_lease", 1)
         return engine
 
     def _arm(self, c: _Conn) -> None:
