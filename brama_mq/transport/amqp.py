@@ -1,0 +1,1179 @@
+"""RabbitMQ transport: kombu for connecting, py-amqp channels on the hot path.
+
+kombu.Connection parses the URL, applies SSL options and cycles failover hosts; once
+connected, links talk to the underlying py-amqp connection directly, because kombu's
+``Producer.publish`` costs several times more per message than ``basic_publish``
+(PERFORMANCE_NOTES.md).
+
+Design points, each learned the hard way:
+
+* Confirms are streamed: the critical channel is in confirm mode, publishes are counted
+  from 1 and ``basic_ack``/``basic_nack`` events settle them, one or many at a time.
+  Transient publishes go on another channel so they never join that sequence.
+* Consumer callbacks only append to a deque. Publishing or waiting inside a callback
+  recurses (py-amqp drains frames inside ``basic_publish``) or stalls the connection.
+* After a lost connection the broker redelivers unacked messages, so delivery tags
+  carry a channel *epoch* (see :func:`~brama_mq.transport.base.encode_tag`) and acks of
+  older tags are dropped; unconfirmed critical publishes are republished.
+* Every kombu/amqp/socket error leaving this module is a brama_mq TransportError with
+  the cause kept; URLs in messages and logs are masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import select
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from amqp import spec
+from amqp.basic_message import Message
+from kombu.connection import Connection as _KombuConnection
+
+from brama_mq.errors import (
+    BramaError,
+    BrokerUnavailableError,
+    ConfirmError,
+    RequestTimeoutError,
+    TransportError,
+)
+from brama_mq.transport.base import JSON, Delivery, Outgoing, decode_tag, encode_tag
+from brama_mq.transport.errors import (
+    RECOVERABLE_ERRORS,
+    describe,
+    is_fatal,
+    map_error,
+    mask_url,
+)
+from brama_mq.transport.topology import Topology, declare_topology, delete_topology
+
+__all__ = [
+    "AmqpClientLink",
+    "AmqpEventSource",
+    "AmqpOwnerLink",
+    "AmqpTransport",
+]
+
+log = logging.getLogger(__name__)
+
+_L = TypeVar("_L", bound="_AmqpLink")
+#: kombu's Connection is only partly typed; it is used through ``Any`` like py-amqp's.
+KombuConnection: Any = _KombuConnection
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+#: Properties of a delivery that get their own Delivery field.
+_OWN_FIELDS = frozenset({"content_type", "application_headers", "reply_to", "correlation_id"})
+#: Properties not copied into a dead-lettered copy: the broker refuses a user_id that is
+#: not ours, and an expiration would make the evidence disappear.
+_NOT_COPIED = frozenset({"user_id", "expiration", "delivery_mode", "application_headers"})
+
+
+def _publish(channel: Any, message: Any, exchange: str, routing_key: str, mandatory: bool
+             ) -> None:
+    """``basic.publish`` without the frame drain py-amqp's ``basic_publish`` does first.
+
+    That drain (a non-blocking read per message, to notice ``connection.blocked``)
+    cost 40-60 us of the ~100-150 us per publish measured here; the owner link drains
+    anyway in fetch() and wait_confirms(), and a dead socket still fails the write.
+    """
+    channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False),
+                        message)
+
+
+def _event_message(ev: Outgoing, delivery_mode: int) -> Any:
+    return Message(
+        ev.body,
+        delivery_mode=delivery_mode,
+        content_type=ev.content_type,
+        message_id=ev.message_id,
+        application_headers=ev.headers,
+    )
+
+
+def _backoff(attempt: int, cap: float) -> float:
+    """Exponential backoff with jitter: 0.1 s, 0.2 s, ... up to ``cap``, times 0.5-1.0."""
+    return min(cap, 0.1 * float(2 ** min(attempt, 16))) * random.uniform(0.5, 1.0)
+
+
+def _as_bytes(body: Any) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    return bytes(body)
+
+
+def _to_delivery(msg: Any, epoch: int) -> Delivery:
+    """A py-amqp message as a transport-neutral Delivery."""
+    props: dict[str, Any] = msg.properties
+    info: dict[str, Any] = msg.delivery_info
+    headers = props.get("application_headers") or {}
+    return Delivery(
+        body=_as_bytes(msg.body),
+        delivery_tag=encode_tag(epoch, info["delivery_tag"]),
+        content_type=props.get("content_type"),
+        headers=dict(headers),
+        reply_to=props.get("reply_to"),
+        correlation_id=props.get("correlation_id"),
+        redelivered=bool(info.get("redelivered")),
+        routing_key=info.get("routing_key", ""),
+        properties={k: v for k, v in props.items() if k not in _OWN_FIELDS},
+        epoch=epoch,
+        exchange=info.get("exchange", ""),
+    )
+
+
+def _recoverable(exc: BaseException) -> bool:
+    """Whether a reconnect may cure ``exc`` (our own errors are never retried here)."""
+    return isinstance(exc, RECOVERABLE_ERRORS) and not isinstance(exc, BramaError)
+
+
+class _Pending:
+    """One confirmed publish, kept until the broker acks it (republished otherwise)."""
+
+    __slots__ = ("done", "exchange", "mandatory", "message", "returned", "routing_key", "seq")
+
+    def __init__(self, exchange: str, routing_key: str, message: Any, seq: int) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.message = message
+        self.mandatory = True
+        self.seq = seq
+        self.done = False
+        self.returned = False
+
+
+class _ConfirmTracker:
+    """Streamed publisher confirms for one confirm-mode channel at a time.
+
+    Tags are consecutive from 1 per channel, so a ``multiple`` ack settles the range
+    ``[low, tag]``; nacked publishes wait in ``nacked`` to be republished; after a new
+    channel :meth:`restart` hands back everything unsettled in publish order.
+    """
+
+    def __init__(self) -> None:
+        self.next_tag = 1
+        self.low = 1
+        self.unconfirmed: dict[int, _Pending] = {}
+        self.nacked: list[_Pending] = []
+        self.seq = 0
+        self.settled_since_wait = 0
+        self.confirmed = 0
+        self.nacks = 0
+
+    def new(self, exchange: str, routing_key: str, message: Any) -> _Pending:
+        self.seq += 1
+        return _Pending(exchange, routing_key, message, self.seq)
+
+    def register(self, pending: _Pending) -> int:
+        tag = self.next_tag
+        self.next_tag = tag + 1
+        self.unconfirmed[tag] = pending
+        return tag
+
+    def _settle(self, tag: int, multiple: bool) -> list[_Pending]:
+        if not multiple:
+            one = self.unconfirmed.pop(tag, None)
+            return [] if one is None else [one]
+        out = []
+        pop = self.unconfirmed.pop
+        for t in range(self.low, tag + 1):
+            p = pop(t, None)
+            if p is not None:
+                out.append(p)
+        self.low = max(self.low, tag + 1)
+        return out
+
+    def on_ack(self, tag: int, multiple: bool) -> None:
+        for p in self._settle(tag, multiple):
+            p.done = True
+            self.confirmed += 1
+            self.settled_since_wait += 1
+
+    def on_nack(self, tag: int, multiple: bool) -> None:
+        for p in self._settle(tag, multiple):
+            self.nacks += 1
+            self.nacked.append(p)
+
+    def defer(self, pending: _Pending) -> None:
+        """Keep a publish that could not be sent; it goes out with the next (re)send."""
+        self.nacked.append(pending)
+
+    def outstanding(self) -> int:
+        return len(self.unconfirmed) + len(self.nacked)
+
+    def take_nacked(self) -> list[_Pending]:
+        out, self.nacked = self.nacked, []
+        return out
+
+    def restart(self) -> list[_Pending]:
+        """Forget tags (a new channel numbers from 1) and return all unsettled, in order."""
+        out = sorted([*self.unconfirmed.values(), *self.nacked], key=lambda p: p.seq)
+        self.unconfirmed = {}
+        self.nacked = []
+        self.next_tag = 1
+        self.low = 1
+        return out
+
+
+class _Connector:
+    """One kombu connection, opened once per attempt over every failover host."""
+
+    def __init__(self, transport: AmqpTransport) -> None:
+        self._t = transport
+        self._kconn: Any = transport._new_kombu_connection()
+        self._amqp: Any = None
+
+    def connect(self) -> Any:
+        """The py-amqp connection, trying each configured host once (no sleeping)."""
+        attempts = max(1, len(getattr(self._kconn, "alt", None) or ()))
+        last: BaseException | None = None
+        for _ in range(attempts):
+            try:
+                self._kconn.collect()
+                self._kconn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+                # Connected now, so this is the py-amqp connection (no retry inside).
+                self._amqp = self._kconn.connection
+                return self._amqp
+            except RECOVERABLE_ERRORS as exc:
+                last = exc
+                if is_fatal(exc):
+                    raise
+                self._kconn.maybe_switch_next()
+        assert last is not None
+        raise last
+
+    def drop(self) -> None:
+        """Forget a dead connection without talking to the broker."""
+        try:
+            self._kconn.collect()
+        except Exception:  # a dead connection may fail in any way while collected
+            log.debug("ignoring error while collecting a dead connection", exc_info=True)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close politely (the broker requeues unacked deliveries), waiting at most
+        ``timeout`` s for the broker's close-ok."""
+        conn, self._amqp = self._amqp, None
+        try:
+            if conn is not None and conn.connected:
+                conn.sock.settimeout(timeout)
+            self._kconn.release()
+        except Exception:
+            log.debug("ignoring error while closing a connection", exc_info=True)
+            self.drop()
+
+
+class _AmqpLink:
+    """Connection lifecycle shared by every link: connect, set up, recover, close.
+
+    Subclasses implement :meth:`_setup` (open channels, declare, consume, republish)
+    and may implement :meth:`_on_lost` (forget state tied to the dead channel).
+    """
+
+    role = "link"
+
+    def __init__(self, transport: AmqpTransport) -> None:
+        self._t = transport
+        self._connector = _Connector(transport)
+        self._conn: Any = None
+        self._epoch = 0
+        self._closed = False
+        self._lost: BaseException | None = None
+        self._counters: dict[str, int] = {"reconnects": 0}
+        self._max_wait = transport.heartbeat / 4 if transport.heartbeat else 1.0
+        self._open(deadline=None)
+
+    # -- lifecycle -------------------------------------------------------------
+    def _setup(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _on_lost(self) -> None:
+        """Forget what belonged to the dead connection (buffers, channels)."""
+
+    def _error(self, exc: BaseException, what: str) -> TransportError:
+        return map_error(exc, f"{self.role}: {what}", self._t.url)
+
+    def _open(self, *, deadline: float | None) -> None:
+        """Connect and set up, retrying with backoff until ``deadline`` (None: one round)."""
+        attempt = 0
+        while True:
+            try:
+                conn = self._connector.connect()
+                self._conn = conn
+                self._epoch += 1
+                self._setup(conn)
+                self._lost = None
+                if attempt or self._epoch > 1:
+                    log.info("%s connected to %s (epoch %d)", self.role, self._t.masked_url,
+                             self._epoch)
+                return
+            except BramaError:
+                self._connector.drop()
+                self._conn = None
+                raise
+            except RECOVERABLE_ERRORS as exc:
+                self._connector.drop()
+                self._conn = None
+                self._on_lost()
+                if is_fatal(exc):
+                    raise self._error(exc, "connect and declare") from exc
+                now = time.monotonic()
+                if deadline is None or now >= deadline:
+                    raise self._error(exc, "connect") from exc
+                pause = min(_backoff(attempt, self._t.max_backoff), max(0.0, deadline - now))
+                log.warning("%s cannot reach %s (%s); retrying in %.2f s", self.role,
+                            self._t.masked_url, describe(exc, self._t.url), pause)
+                time.sleep(pause)
+                attempt += 1
+
+    def _recover(self, exc: BaseException) -> None:
+        """Replace a dead connection: reconnect with backoff, set up again, republish."""
+        if self._closed:
+            raise self._error(exc, "use after close") from exc
+        log.warning("%s lost its connection to %s (%s); reconnecting", self.role,
+                    self._t.masked_url, describe(exc, self._t.url))
+        self._counters["reconnects"] += 1
+        self._connector.drop()
+        self._conn = None
+        self._lost = exc
+        self._on_lost()
+        self._open(deadline=time.monotonic() + self._t.reconnect_timeout)
+
+    def _ensure(self) -> None:
+        """Raise if closed; reconnect first if an earlier call lost the connection."""
+        if self._closed:
+            raise TransportError(f"{self.role} is closed")
+        if self._conn is None or self._lost is not None:
+            self._recover(self._lost or BrokerUnavailableError("not connected"))
+
+    def _tick(self) -> None:
+        """Send heartbeats when due; raises ConnectionForced if the broker went silent."""
+        self._conn.heartbeat_tick()
+
+    def _drain_until(self, deadline: float, done: Callable[[], bool]) -> None:
+        """Process incoming frames until ``done()`` or the deadline (socket.timeout-free)."""
+        conn = self._conn
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=min(remaining, self._max_wait))
+            self._tick()
+
+    def _drain_nowait(self, enough: Callable[[], bool]) -> None:
+        """Process frames already received, without waiting, until ``enough()``."""
+        conn = self._conn
+        while not enough():
+            try:
+                conn.drain_events(timeout=0)
+            except TimeoutError:
+                return
+
+    def close(self) -> None:
+        """Close the connection; the broker requeues unacknowledged deliveries."""
+        if self._closed:
+            return
+        self._closed = True
+        self._connector.close()
+        self._conn = None
+        self._t._forget(self)
+
+
+class _ConsumerMixin:
+    """Buffered consumption: the callback only appends; fetch drains and converts."""
+
+    _buffer: deque[Any]
+    _cancelled: bool
+
+    def _on_delivery(self, msg: Any) -> None:
+        self._buffer.append(msg)
+
+    def _on_cancel(self, consumer_tag: str) -> None:
+        # The queue was deleted under us: reconnect and declare it again.
+        self._cancelled = True
+
+
+class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
+    """The state owner's link: consume commands, publish events, confirm, ack.
+
+    Three channels on one connection: *consume* (QoS per consumer, since quorum queues
+    refuse global QoS), *plain* (transient events and RPC replies) and *confirm*
+    (critical events and dead letters). Used from one thread.
+    """
+
+    role = "owner link"
+
+    def __init__(self, transport: AmqpTransport, *, prefetch: int, shard: int | None) -> None:
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, not {prefetch}")
+        self._prefetch = prefetch
+        self._queue = transport.topology.owner_queue(shard)
+        self._buffer = deque()
+        self._cancelled = False
+        self._tracker = _ConfirmTracker()
+        self._plain: Any = None
+        self._confirm: Any = None
+        self._consume: Any = None
+        self._stats = {
+            "published": 0,
+            "transient": 0,
+            "returned": 0,
+            "republished": 0,
+            "delivered": 0,
+            "stale_acks": 0,
+            "replies": 0,
+            "dead_lettered": 0,
+        }
+        super().__init__(transport)
+
+    @property
+    def queue(self) -> str:
+        """The owner queue this link consumes."""
+        return self._queue
+
+    @property
+    def epoch(self) -> int:
+        """Number of the current connection (1 for the first, +1 per reconnect)."""
+        return self._epoch
+
+    def _setup(self, conn: Any) -> None:
+        plain = conn.channel()
+        self._t._declare_on(plain)
+        confirm = conn.channel()
+        confirm.confirm_select()
+        confirm.events["basic_ack"].add(self._tracker.on_ack)
+        confirm.events["basic_nack"].add(self._tracker.on_nack)
+        confirm.events["basic_return"].add(self._on_return)
+        consume = conn.channel()
+        consume.basic_qos(prefetch_size=0, prefetch_count=self._prefetch, a_global=False)
+        self._buffer.clear()
+        self._cancelled = False
+        consume.basic_consume(
+            self._queue, callback=self._on_delivery, on_cancel=self._on_cancel
+        )
+        self._plain, self._confirm, self._consume = plain, confirm, consume
+        for pending in self._tracker.restart():
+            self._send_pending(pending)
+            self._stats["republished"] += 1
+
+    def _on_lost(self) -> None:
+        self._buffer.clear()
+        self._plain = self._confirm = self._consume = None
+
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        # Unroutable (nobody bound): counted, not retried; its ack follows. Events with
+        # no subscriber are normal; a dead letter with no dead queue loses evidence.
+        self._stats["returned"] += 1
+        if exchange == self._t.topology.dead_exchange:
+            log.warning("dead letter returned: nothing is bound to %s (was %s deleted?)",
+                        exchange, self._t.topology.dead_queue)
+
+    def _send_pending(self, pending: _Pending) -> None:
+        self._tracker.register(pending)
+        _publish(self._confirm, pending.message, pending.exchange, pending.routing_key, True)
+
+    # -- consuming ---------------------------------------------------------------
+    def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` s for a delivery, then return what is buffered."""
+        if max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        deadline = time.monotonic() + max(0.0, timeout)
+        buffer = self._buffer
+        while True:
+            self._ensure()
+            try:
+                if self._cancelled:
+                    raise BrokerUnavailableError("consumer cancelled by the broker")
+                if not buffer:
+                    self._drain_until(deadline, lambda: bool(buffer) or self._cancelled)
+                if buffer:
+                    self._drain_nowait(lambda: len(buffer) >= max_messages)
+                if self._cancelled and not buffer:
+                    raise BrokerUnavailableError("consumer cancelled by the broker")
+                break
+            except BramaError as exc:
+                if not isinstance(exc, BrokerUnavailableError) or self._closed:
+                    raise
+                self._recover(exc)
+            except RECOVERABLE_ERRORS as exc:
+                self._recover(exc)
+            if time.monotonic() >= deadline:
+                break
+        n = min(max_messages, len(buffer))
+        epoch = self._epoch
+        out = [_to_delivery(buffer.popleft(), epoch) for _ in range(n)]
+        self._stats["delivered"] += n
+        return out
+
+    def ack(self, delivery_tag: int, multiple: bool = True) -> None:
+        """Ack up to ``delivery_tag``; tags from an earlier connection are ignored."""
+        epoch, tag = decode_tag(delivery_tag)
+        if epoch != self._epoch or self._consume is None or self._lost is not None:
+            self._stats["stale_acks"] += 1
+            return
+        try:
+            self._consume.basic_ack(tag, multiple=multiple)
+        except RECOVERABLE_ERRORS as exc:
+            if not _recoverable(exc):
+                raise
+            # The ack is lost with the connection; the broker will redeliver.
+            self._stats["stale_acks"] += 1
+            self._recover(exc)
+
+    # -- publishing --------------------------------------------------------------
+    def publish(self, events: Sequence[Outgoing]) -> None:
+        """Send events: transient at once, critical pipelined on the confirm channel.
+
+        A critical event handed over here is never dropped by the link: if the broker
+        stays away past ``reconnect_timeout`` the BrokerUnavailableError leaves the rest
+        pending, and they go out when a later call reconnects. Transient ones are lost.
+        """
+        i, n = 0, len(events)
+        registered = -1
+        exchange = self._t.topology.events_exchange
+        tracker = self._tracker
+        try:
+            while i < n:
+                self._ensure()
+                try:
+                    confirm, plain = self._confirm, self._plain
+                    while i < n:
+                        ev = events[i]
+                        if ev.critical:
+                            msg = _event_message(ev, 2)
+                            pending = tracker.new(exchange, ev.routing_key, msg)
+                            tracker.register(pending)
+                            registered = i
+                            self._stats["published"] += 1
+                            _publish(confirm, msg, exchange, ev.routing_key, True)
+                        else:
+                            _publish(plain, _event_message(ev, 1), exchange, ev.routing_key,
+                                     False)
+                            self._stats["transient"] += 1
+                        i += 1
+                except BramaError:
+                    raise
+                except RECOVERABLE_ERRORS as exc:
+                    if registered == i:
+                        i += 1  # it is pending: the recovery republishes it
+                    self._recover(exc)
+        except BramaError:
+            for ev in events[i:]:
+                if ev.critical:
+                    tracker.defer(tracker.new(exchange, ev.routing_key, _event_message(ev, 2)))
+                    self._stats["published"] += 1
+            raise
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Copy ``delivery`` to the dead exchange with ``x-brama-error``, confirmed."""
+        headers = dict(delivery.headers)
+        headers["x-brama-error"] = reason
+        headers["x-brama-original-routing-key"] = delivery.routing_key
+        props = {k: v for k, v in delivery.properties.items() if k not in _NOT_COPIED}
+        if delivery.content_type is not None:
+            props["content_type"] = delivery.content_type
+        if delivery.reply_to is not None:
+            props["reply_to"] = delivery.reply_to
+        if delivery.correlation_id is not None:
+            props["correlation_id"] = delivery.correlation_id
+        msg = Message(delivery.body, delivery_mode=2, application_headers=headers, **props)
+        pending = self._tracker.new(self._t.topology.dead_exchange, delivery.routing_key, msg)
+        self._stats["published"] += 1
+        self._stats["dead_lettered"] += 1
+        try:
+            self._ensure()
+        except BramaError:
+            self._tracker.defer(pending)  # sent when a later call reconnects
+            raise
+        try:
+            self._send_pending(pending)
+        except BramaError:
+            raise
+        except RECOVERABLE_ERRORS as exc:
+            self._recover(exc)  # republishes it
+
+    def wait_confirms(self, timeout: float) -> int:
+        """Block until every critical publish so far is confirmed; see OwnerLink."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        tracker = self._tracker
+        while True:
+            self._ensure()
+            try:
+                for pending in tracker.take_nacked():
+                    self._send_pending(pending)
+                    self._stats["republished"] += 1
+                if not tracker.outstanding():
+                    break
+                if time.monotonic() >= deadline:
+                    raise ConfirmError(
+                        f"{tracker.outstanding()} critical publishes not confirmed within "
+                        f"{timeout} s ({self._t.masked_url}); they stay pending"
+                    )
+                self._drain_until(deadline, lambda: not tracker.unconfirmed or bool(tracker.nacked))
+            except BramaError:
+                raise
+            except RECOVERABLE_ERRORS as exc:
+                self._recover(exc)
+        n, tracker.settled_since_wait = tracker.settled_since_wait, 0
+        return n
+
+    # -- RPC ---------------------------------------------------------------------
+    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        """Answer an RPC through direct reply-to (default exchange, key = reply_to)."""
+        msg = Message(body, delivery_mode=1, content_type=JSON, correlation_id=correlation_id)
+        for attempt in range(2):
+            self._ensure()
+            try:
+                self._plain.basic_publish(msg, "", reply_to)
+                self._stats["replies"] += 1
+                return
+            except BramaError:
+                raise
+            except RECOVERABLE_ERRORS as exc:
+                if attempt:
+                    raise self._error(exc, "reply") from exc
+                self._recover(exc)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the link was made (see the OwnerLink protocol)."""
+        out = dict(self._stats)
+        out["confirmed"] = self._tracker.confirmed
+        out["nacked"] = self._tracker.nacks
+        out["pending"] = self._tracker.outstanding()
+        out["reconnects"] = self._counters["reconnects"]
+        out["epoch"] = self._epoch
+        return out
+
+
+class AmqpEventSource(_ConsumerMixin, _AmqpLink):
+    """A subscriber queue on the events exchange; bindings survive reconnects."""
+
+    role = "event source"
+
+    def __init__(
+        self,
+        transport: AmqpTransport,
+        *,
+        queue: str | None,
+        durable: bool,
+        max_length: int | None,
+        prefetch: int,
+    ) -> None:
+        if max_length is not None and max_length < 0:
+            raise ValueError("max_length must be >= 0")
+        self._wanted = queue or ""
+        self._durable = durable
+        self._max_length = max_length
+        self._prefetch = prefetch
+        self._keys: list[str] = []
+        self._name = ""
+        self._buffer = deque()
+        self._cancelled = False
+        self._channel: Any = None
+        self._stale_acks = 0
+        super().__init__(transport)
+
+    @property
+    def queue(self) -> str:
+        """The queue name (a server-named queue gets a new name after a reconnect)."""
+        return self._name
+
+    def _arguments(self) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self._max_length is not None:
+            args["x-max-length"] = self._max_length
+            args["x-overflow"] = "drop-head"
+        return args
+
+    def _setup(self, conn: Any) -> None:
+        ch = conn.channel()
+        self._t._declare_on(ch)
+        if self._wanted:
+            ok = ch.queue_declare(
+                self._wanted,
+                durable=self._durable,
+                auto_delete=not self._durable,
+                arguments=self._arguments(),
+            )
+        else:
+            ok = ch.queue_declare(
+                "", exclusive=True, auto_delete=True, arguments=self._arguments()
+            )
+        self._name = ok.queue
+        self._t._note("queue", self._name)
+        for key in self._keys:
+            ch.queue_bind(self._name, self._t.topology.events_exchange, key)
+        ch.basic_qos(prefetch_size=0, prefetch_count=self._prefetch, a_global=False)
+        self._buffer.clear()
+        self._cancelled = False
+        ch.basic_consume(self._name, callback=self._on_delivery, on_cancel=self._on_cancel)
+        self._channel = ch
+
+    def _on_lost(self) -> None:
+        self._buffer.clear()
+        self._channel = None
+
+    def bind(self, keys: Sequence[str]) -> None:
+        """Bind the queue with each key (kept, and bound again after a reconnect)."""
+        for key in keys:
+            if key not in self._keys:
+                self._keys.append(key)
+        while True:
+            self._ensure()
+            try:
+                for key in keys:
+                    self._channel.queue_bind(self._name, self._t.topology.events_exchange, key)
+                return
+            except BramaError:
+                raise
+            except RECOVERABLE_ERRORS as exc:
+                if is_fatal(exc):
+                    raise self._error(exc, "bind") from exc
+                self._recover(exc)  # binds every key again
+
+    def get(self, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` s for an event, then return every buffered one."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        buffer = self._buffer
+        while True:
+            self._ensure()
+            try:
+                if self._cancelled:
+                    raise BrokerUnavailableError("consumer cancelled by the broker")
+                if not buffer:
+                    self._drain_until(deadline, lambda: bool(buffer) or self._cancelled)
+                if buffer:
+                    self._drain_nowait(lambda: len(buffer) >= self._prefetch)
+                break
+            except BramaError as exc:
+                if not isinstance(exc, BrokerUnavailableError) or self._closed:
+                    raise
+                self._recover(exc)
+            except RECOVERABLE_ERRORS as exc:
+                self._recover(exc)
+            if time.monotonic() >= deadline:
+                break
+        epoch = self._epoch
+        out = [_to_delivery(m, epoch) for m in buffer]
+        buffer.clear()
+        return out
+
+    def ack(self, delivery_tag: int, multiple: bool = True) -> None:
+        """Ack up to ``delivery_tag``; tags from an earlier connection are ignored."""
+        epoch, tag = decode_tag(delivery_tag)
+        if epoch != self._epoch or self._channel is None or self._lost is not None:
+            self._stale_acks += 1
+            return
+        try:
+            self._channel.basic_ack(tag, multiple=multiple)
+        except RECOVERABLE_ERRORS as exc:
+            if not _recoverable(exc):
+                raise
+            self._recover(exc)
+
+    def stats(self) -> dict[str, int]:
+        """Reconnects and ignored (stale) acks."""
+        return {"reconnects": self._counters["reconnects"], "stale_acks": self._stale_acks}
+
+
+class _RpcSlot:
+    """One RPC in flight: sent on connection ``epoch`` (0: not yet), answered or returned."""
+
+    __slots__ = ("body", "done", "epoch", "returned")
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.done = False
+        self.returned = False
+        self.body = b""
+
+
+class AmqpClientLink(_AmqpLink):
+    """Commands and RPC for clients; safe to share between threads.
+
+    Thread safety is a lock around every use of the connection. Threads waiting for a
+    confirm or a reply do not hold it while idle: they wait for the socket to become
+    readable, then take the lock and process whatever arrived, settling other threads'
+    confirms and replies too (so concurrent sends share round trips). When heartbeats
+    are on, a daemon thread keeps them going while the client is idle.
+    """
+
+    role = "client link"
+    _SLICE = 0.05
+
+    def __init__(self, transport: AmqpTransport) -> None:
+        self._lock = threading.RLock()
+        self._tracker = _ConfirmTracker()
+        self._by_id: dict[str, _Pending] = {}
+        self._rpc: dict[str, _RpcSlot] = {}
+        self._confirm: Any = None
+        self._rpc_channel: Any = None
+        self._stats = {"sent": 0, "requests": 0, "republished": 0, "returned": 0}
+        with self._lock:
+            super().__init__(transport)
+        self._stop = threading.Event()
+        self._keepalive: threading.Thread | None = None
+        if transport.heartbeat:
+            self._keepalive = threading.Thread(
+                target=self._keepalive_loop, name="brama-client-heartbeat", daemon=True
+            )
+            self._keepalive.start()
+
+    def _setup(self, conn: Any) -> None:
+        confirm = conn.channel()
+        self._t._declare_on(confirm)
+        confirm.confirm_select()
+        confirm.events["basic_ack"].add(self._tracker.on_ack)
+        confirm.events["basic_nack"].add(self._tracker.on_nack)
+        confirm.events["basic_return"].add(self._on_send_return)
+        rpc = conn.channel()
+        rpc.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
+        rpc.events["basic_return"].add(self._on_rpc_return)
+        self._confirm, self._rpc_channel = confirm, rpc
+        for pending in self._tracker.restart():
+            self._tracker.register(pending)
+            confirm.basic_publish(
+                pending.message, pending.exchange, pending.routing_key, mandatory=True
+            )
+            self._stats["republished"] += 1
+
+    def _on_lost(self) -> None:
+        self._confirm = self._rpc_channel = None
+
+    # -- callbacks (run inside drain_events, with the lock held) -----------------
+    def _on_send_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        self._stats["returned"] += 1
+        pending = self._by_id.get(message.properties.get("message_id", ""))
+        if pending is not None:
+            pending.returned = True
+
+    def _on_rpc_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        slot = self._rpc.get(message.properties.get("correlation_id", ""))
+        if slot is not None:
+            slot.returned = True
+
+    def _on_reply(self, msg: Any) -> None:
+        slot = self._rpc.get(msg.properties.get("correlation_id", ""))
+        if slot is not None:  # late replies to requests that timed out are dropped
+            slot.body = _as_bytes(msg.body)
+            slot.done = True
+
+    # -- the shared wait loop ---------------------------------------------------
+    def _wait(self, deadline: float, done: Callable[[], bool], step: Callable[[], None]) -> None:
+        """Work the connection, in turns with other threads, until ``done()`` or the deadline.
+
+        Under the lock: reconnect if needed, ``step()`` (what this caller must (re)send,
+        e.g. after a reconnect), then process whatever arrived, which settles other
+        threads' confirms and replies as well. Between turns, wait for the socket to
+        become readable without holding the lock.
+        """
+        while True:
+            sock = None
+            if not self._lock.acquire(timeout=max(0.001, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    return
+                continue
+            try:
+                if done():
+                    return
+                try:
+                    self._ensure()
+                    step()
+                    self._drain_nowait(done)
+                    self._tick()
+                except BramaError:
+                    raise
+                except RECOVERABLE_ERRORS as exc:
+                    self._recover(exc)  # step() sends again on the next turn
+                    continue
+                if done():
+                    return
+                sock = self._conn.sock
+            finally:
+                self._lock.release()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # A socket closed under us raises here; the next turn notices.
+            with contextlib.suppress(OSError, ValueError):
+                select.select([sock], [], [], min(remaining, self._SLICE))
+
+    def _keepalive_loop(self) -> None:
+        """Keep heartbeats flowing while no thread uses the link."""
+        interval = self._max_wait
+        while not self._stop.wait(interval):
+            if not self._lock.acquire(timeout=interval):
+                continue
+            try:
+                if self._closed or self._conn is None or self._lost is not None:
+                    continue
+                self._drain_nowait(lambda: False)
+                self._tick()
+            except Exception as exc:
+                self._lost = exc  # the next caller reconnects
+            finally:
+                self._lock.release()
+
+    # -- API ----------------------------------------------------------------------
+    def send(self, body: bytes, routing_key: str = "owner", *, message_id: str | None = None
+             ) -> None:
+        """Publish a persistent command and return once the broker confirmed it.
+
+        ConfirmError if it is not confirmed within the transport's ``confirm_timeout``;
+        TransportError if nothing is bound to ``routing_key`` (the broker returned it);
+        BrokerUnavailableError if the broker stays away past ``reconnect_timeout``.
+        """
+        mid = message_id or uuid.uuid4().hex
+        msg = Message(body, delivery_mode=2, content_type=JSON, message_id=mid)
+        exchange = self._t.topology.commands_exchange
+        deadline = time.monotonic() + self._t.confirm_timeout
+        with self._lock:
+            pending = self._tracker.new(exchange, routing_key, msg)
+            self._by_id[mid] = pending
+            self._stats["sent"] += 1
+        sent = False
+
+        def step() -> None:
+            nonlocal sent
+            if not sent:
+                # Registered first: if the publish fails, the reconnect republishes it.
+                self._tracker.register(pending)
+                sent = True
+                self._confirm.basic_publish(msg, exchange, routing_key, mandatory=True)
+            self._republish_nacked()
+
+        try:
+            self._wait(deadline, lambda: pending.done, step)
+        finally:
+            with self._lock:
+                self._forget_pending(pending, mid)
+        if pending.returned:
+            raise TransportError(
+                f"command unroutable: nothing bound to {routing_key!r} on {exchange!r}"
+            )
+        if not pending.done:
+            raise ConfirmError(
+                f"command not confirmed within {self._t.confirm_timeout} s "
+                f"({self._t.masked_url})"
+            )
+
+    def _republish_nacked(self) -> None:
+        for pending in self._tracker.take_nacked():
+            self._tracker.register(pending)
+            self._confirm.basic_publish(
+                pending.message, pending.exchange, pending.routing_key, mandatory=True
+            )
+            self._stats["republished"] += 1
+
+    def _forget_pending(self, pending: _Pending, mid: str) -> None:
+        if self._by_id.get(mid) is pending:
+            del self._by_id[mid]
+        if not pending.done:  # given up: stop tracking it (no republish later)
+            for tag, p in list(self._tracker.unconfirmed.items()):
+                if p is pending:
+                    del self._tracker.unconfirmed[tag]
+            self._tracker.nacked = [p for p in self._tracker.nacked if p is not pending]
+
+    def request(self, body: bytes, timeout: float, routing_key: str = "owner") -> bytes:
+        """RPC over direct reply-to; RequestTimeoutError when no answer arrives in time.
+
+        The request goes out on the channel that consumes ``amq.rabbitmq.reply-to``
+        (RabbitMQ requires that). One in flight when the connection drops is sent again
+        on the new one (queries are idempotent; a duplicate probe lease times out).
+        """
+        corr = uuid.uuid4().hex
+        deadline = time.monotonic() + max(0.0, timeout)
+        exchange = self._t.topology.commands_exchange
+        msg = Message(
+            body,
+            delivery_mode=1,
+            content_type=JSON,
+            correlation_id=corr,
+            reply_to=DIRECT_REPLY_TO,
+            application_headers={"x-brama-deadline": int(time.time() * 1000 + timeout * 1000)},
+        )
+        slot = _RpcSlot()
+
+        def step() -> None:
+            if slot.epoch != self._epoch:
+                slot.epoch = self._epoch
+                self._rpc_channel.basic_publish(msg, exchange, routing_key, mandatory=True)
+
+        with self._lock:
+            self._rpc[corr] = slot
+            self._stats["requests"] += 1
+        try:
+            self._wait(deadline, lambda: slot.done or slot.returned, step)
+        finally:
+            with self._lock:
+                self._rpc.pop(corr, None)
+        if slot.done:
+            return slot.body
+        if slot.returned:
+            raise TransportError(
+                f"request unroutable: nothing bound to {routing_key!r} on {exchange!r}"
+            )
+        raise RequestTimeoutError(
+            f"no answer on {routing_key!r} within {timeout} s (is an owner running?)"
+        )
+
+    def stats(self) -> dict[str, int]:
+        """Counters: sent, requests, republished, returned, confirmed, nacked, reconnects."""
+        with self._lock:
+            out = dict(self._stats)
+            out["confirmed"] = self._tracker.confirmed
+            out["nacked"] = self._tracker.nacks
+            out["reconnects"] = self._counters["reconnects"]
+            return out
+
+    def close(self) -> None:
+        """Stop the heartbeat thread and close the connection."""
+        self._stop.set()
+        with self._lock:
+            super().close()
+        if self._keepalive is not None and self._keepalive is not threading.current_thread():
+            self._keepalive.join(timeout=5)
+
+
+class AmqpTransport:
+    """Links to one RabbitMQ broker (or failover list) for one topology.
+
+    ``url`` is a kombu URL (``amqp://user:pass@host:5672/vhost``, ``;``-separated for
+    failover). Links reconnect by themselves with exponential backoff and jitter (capped
+    at ``max_backoff``) for up to ``reconnect_timeout`` seconds per outage, then raise
+    BrokerUnavailableError (the next call tries again). The URL's password is masked in
+    every message and log line.
+
+    Heartbeats (``heartbeat`` s, 0 to disable) are sent from the calls themselves: an
+    owner must call ``fetch`` or ``wait_confirms`` at least every ``heartbeat`` seconds
+    or the broker drops the connection (the link then reconnects on its next call);
+    client links run a small daemon thread for that.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        topology: Topology | None = None,
+        *,
+        connect_timeout: float = 5.0,
+        heartbeat: float = 30.0,
+        ssl: bool | dict[str, Any] | None = None,
+        reconnect_timeout: float = 60.0,
+        max_backoff: float = 5.0,
+        confirm_timeout: float = 30.0,
+        write_timeout: float | None = 30.0,
+    ) -> None:
+        self.url = url
+        self.masked_url = mask_url(url)
+        self.topology = topology or Topology()
+        self.connect_timeout = connect_timeout
+        self.heartbeat = heartbeat
+        self.ssl = ssl
+        self.reconnect_timeout = reconnect_timeout
+        self.max_backoff = max_backoff
+        self.confirm_timeout = confirm_timeout
+        self.write_timeout = write_timeout
+        self._links: list[_AmqpLink] = []
+        self._lock = threading.Lock()
+        self._declared: set[tuple[str, str]] = set()
+
+    def __repr__(self) -> str:
+        return f"AmqpTransport({self.masked_url!r}, prefix={self.topology.prefix!r})"
+
+    # -- plumbing used by links --------------------------------------------------
+    def _new_kombu_connection(self) -> Any:
+        options: dict[str, Any] = {}
+        if self.write_timeout:
+            options["write_timeout"] = self.write_timeout
+        return KombuConnection(
+            self.url,
+            connect_timeout=self.connect_timeout,
+            heartbeat=self.heartbeat,
+            ssl=self.ssl if self.ssl is not None else False,
+            transport_options=options,
+        )
+
+    def _declare_on(self, channel: Any) -> None:
+        declare_topology(channel, self.topology)
+        for name, _ in self.topology.exchanges():
+            self._note("exchange", name)
+        for name in self.topology.queue_names():
+            self._note("queue", name)
+
+    def _note(self, kind: str, name: str) -> None:
+        self._declared.add((kind, name))
+
+    def _forget(self, link: _AmqpLink) -> None:
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+
+    def _track(self, link: _L) -> _L:
+        with self._lock:
+            self._links.append(link)
+        return link
+
+    def declared(self) -> set[tuple[str, str]]:
+        """``(kind, name)`` of every exchange and queue declared through this transport."""
+        return set(self._declared)
+
+    def _admin(self, what: str, fn: Callable[[Any], None]) -> None:
+        """Run ``fn(channel)`` on a short-lived connection, mapping errors."""
+        connector = _Connector(self)
+        try:
+            conn = connector.connect()
+            ch = conn.channel()
+            fn(ch)
+        except BramaError:
+            raise
+        except RECOVERABLE_ERRORS as exc:
+            raise map_error(exc, what, self.url) from exc
+        finally:
+            connector.close()
+
+    # -- Transport API ------------------------------------------------------------
+    def declare(self) -> None:
+        """Declare every exchange, queue and binding of the topology (idempotent)."""
+        self._admin("declare topology", self._declare_on)
+
+    def delete_topology(self) -> None:
+        """Delete every exchange and queue of the topology (tests, demo tear-down)."""
+        self._admin("delete topology", lambda ch: delete_topology(ch, self.topology))
+
+    def owner_link(self, *, prefetch: int = 500, shard: int | None = None) -> AmqpOwnerLink:
+        """A consumer of the owner queue (declares the topology first)."""
+        return self._track(AmqpOwnerLink(self, prefetch=prefetch, shard=shard))
+
+    def client_link(self) -> AmqpClientLink:
+        """A thread-safe command sender and RPC caller."""
+        return self._track(AmqpClientLink(self))
+
+    def event_source(
+        self,
+        *,
+        queue: str | None = None,
+        durable: bool = False,
+        max_length: int | None = None,
+        prefetch: int = 1000,
+    ) -> AmqpEventSource:
+        """A subscriber queue bound to the events exchange (see EventSource)."""
+        return self._track(
+            AmqpEventSource(
+                self, queue=queue, durable=durable, max_length=max_length, prefetch=prefetch
+            )
+        )
+
+    def close(self) -> None:
+        """Close every link made by this transport."""
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            link.close()
+

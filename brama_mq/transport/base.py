@@ -1,0 +1,210 @@
+"""The transport interfaces the owner and the client are written against.
+
+Nothing here imports kombu or amqp: the owner and client see only these types, and
+two implementations provide them: :mod:`brama_mq.transport.amqp` (RabbitMQ) and
+:mod:`brama_mq.transport.memory` (in-process, for the demo and users' tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from brama_mq.transport.topology import Topology
+
+__all__ = [
+    "JSON",
+    "ClientLink",
+    "Delivery",
+    "EventSource",
+    "Outgoing",
+    "OwnerLink",
+    "Topology",
+    "Transport",
+    "decode_tag",
+    "encode_tag",
+]
+
+JSON = "application/json"
+
+#: Delivery tags handed out by links carry the channel epoch in their high bits, so a
+#: tag taken before a reconnect can never acknowledge a message on the new channel.
+_TAG_BITS = 48
+_TAG_MASK = (1 << _TAG_BITS) - 1
+
+
+def encode_tag(epoch: int, broker_tag: int) -> int:
+    """Link-level delivery tag: ``epoch`` in the high bits, the broker's tag below."""
+    return (epoch << _TAG_BITS) | broker_tag
+
+
+def decode_tag(tag: int) -> tuple[int, int]:
+    """Split a link-level delivery tag into ``(epoch, broker_tag)``."""
+    return tag >> _TAG_BITS, tag & _TAG_MASK
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message taken from a queue (a command for the owner, an event for a subscriber).
+
+    ``delivery_tag`` is opaque: pass it back to the link's ``ack``. It encodes ``epoch``,
+    the number of the channel it came on; after a reconnect the broker redelivers what
+    was unacknowledged and acks of older tags are ignored.
+    """
+
+    body: bytes
+    delivery_tag: int
+    content_type: str | None
+    headers: dict[str, Any]
+    reply_to: str | None
+    correlation_id: str | None
+    redelivered: bool
+    routing_key: str
+    properties: dict[str, Any]
+    epoch: int = 0
+    exchange: str = ""
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One event to publish on the events exchange.
+
+    ``critical``: persistent, mandatory and confirmed (wait_confirms covers it);
+    otherwise transient and unconfirmed.
+    """
+
+    routing_key: str
+    body: bytes
+    critical: bool
+    message_id: str
+    content_type: str | None = JSON
+    headers: dict[str, Any] | None = field(default=None)
+
+
+@runtime_checkable
+class OwnerLink(Protocol):
+    """What the state owner needs; one per owner process, used from one thread."""
+
+    def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` s for a first delivery, then return it plus whatever is
+        already buffered (up to ``max_messages``) without waiting more; ``[]`` on timeout."""
+        ...
+
+    def publish(self, events: Sequence[Outgoing]) -> None:
+        """Transient events go out at once on a plain channel; critical ones on a separate
+        confirm-mode channel, pipelined (never waiting per message)."""
+        ...
+
+    def wait_confirms(self, timeout: float) -> int:
+        """Block until every critical publish so far is acked; republish nacked ones (and,
+        after a lost connection, every unconfirmed one); count returns without retrying.
+        Returns how many were confirmed since the last call; ConfirmError on timeout."""
+        ...
+
+    def ack(self, delivery_tag: int, multiple: bool = True) -> None:
+        """Acknowledge (by default everything up to ``delivery_tag``); a tag from before a
+        reconnect is ignored (the broker already requeued it)."""
+        ...
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Publish a copy to the dead exchange with header ``x-brama-error``, persistent
+        and confirmed; ack the delivery after :meth:`wait_confirms`."""
+        ...
+
+    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        """Answer an RPC through direct reply-to."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters: published, transient, confirmed, nacked, returned, republished,
+        reconnects, delivered, stale_acks."""
+        ...
+
+    def close(self) -> None:
+        """Close the link; unacknowledged deliveries go back to the queue."""
+        ...
+
+
+@runtime_checkable
+class ClientLink(Protocol):
+    """What a client needs; safe to share between threads."""
+
+    def send(
+        self, body: bytes, routing_key: str = "owner", *, message_id: str | None = None
+    ) -> None:
+        """Publish a persistent command; returns once the broker confirmed it."""
+        ...
+
+    def request(self, body: bytes, timeout: float, routing_key: str = "owner") -> bytes:
+        """RPC over direct reply-to; RequestTimeoutError when no answer comes in time."""
+        ...
+
+    def close(self) -> None:
+        """Close the link."""
+        ...
+
+
+@runtime_checkable
+class EventSource(Protocol):
+    """Subscriber side: a queue bound to the events exchange."""
+
+    @property
+    def queue(self) -> str:
+        """The queue's name (server-named ones are known once declared)."""
+        ...
+
+    def bind(self, keys: Sequence[str]) -> None:
+        """Bind the queue to the events exchange with each binding key."""
+        ...
+
+    def get(self, timeout: float) -> list[Delivery]:
+        """Like :meth:`OwnerLink.fetch`: wait for one, return all that are buffered."""
+        ...
+
+    def ack(self, delivery_tag: int, multiple: bool = True) -> None:
+        """Acknowledge deliveries (stale tags after a reconnect are ignored)."""
+        ...
+
+    def close(self) -> None:
+        """Close; a non-durable queue disappears with it."""
+        ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Factory of links for one broker and topology; one per process and configuration."""
+
+    topology: Topology
+
+    def declare(self) -> None:
+        """Declare the topology (idempotent)."""
+        ...
+
+    def delete_topology(self) -> None:
+        """Delete every exchange and queue of the topology (tests, demo tear-down)."""
+        ...
+
+    def owner_link(self, *, prefetch: int = 500, shard: int | None = None) -> OwnerLink:
+        """A consumer of the owner queue (of ``shard`` when sharded)."""
+        ...
+
+    def client_link(self) -> ClientLink:
+        """A thread-safe command sender and RPC caller."""
+        ...
+
+    def event_source(
+        self,
+        *,
+        queue: str | None = None,
+        durable: bool = False,
+        max_length: int | None = None,
+        prefetch: int = 1000,
+    ) -> EventSource:
+        """A queue on the events exchange: server-named and exclusive when ``queue`` is
+        None; ``max_length`` drops the oldest messages beyond it."""
+        ...
+
+    def close(self) -> None:
+        """Close every link this transport made."""
+        ...

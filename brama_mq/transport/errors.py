@@ -1,0 +1,122 @@
+"""Mapping of kombu / py-amqp / socket errors onto brama_mq's own error classes.
+
+Every error that leaves the transport is a :class:`~brama_mq.errors.TransportError`
+(or a subclass) with the original kept as ``__cause__``. Messages name the broker by
+its masked URL, and any password that slipped into a library's message is scrubbed.
+"""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import unquote, urlsplit
+
+import amqp.exceptions as amqp_exc
+
+from brama_mq.errors import BrokerUnavailableError, ConfirmError, TransportError
+
+__all__ = [
+    "FATAL_ERRORS",
+    "RECOVERABLE_ERRORS",
+    "BrokerUnavailableError",
+    "ConfirmError",
+    "TransportError",
+    "describe",
+    "is_fatal",
+    "map_error",
+    "mask_url",
+    "passwords_in",
+]
+
+#: Errors after which a new connection can help (the broker went away, a channel was
+#: closed under us, a consumer was cancelled because its queue vanished...).
+RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # socket errors, refused, reset, timeouts (socket.timeout is an OSError)
+    amqp_exc.AMQPError,  # connection- and channel-level protocol errors
+    EOFError,
+)
+
+#: Errors a reconnect cannot fix: wrong credentials, missing vhost, a queue that exists
+#: with other arguments. They are raised at once instead of retried.
+FATAL_ERRORS: tuple[type[BaseException], ...] = (
+    amqp_exc.AccessRefused,
+    amqp_exc.NotAllowed,
+    amqp_exc.InvalidPath,
+    amqp_exc.PreconditionFailed,
+)
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether retrying after ``exc`` is pointless."""
+    return isinstance(exc, FATAL_ERRORS)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with every password replaced by ``**`` (failover lists included)."""
+    parts = []
+    for one in url.split(";"):
+        try:
+            split = urlsplit(one)
+            netloc = split.netloc
+        except ValueError:
+            parts.append("<unparsable url>")
+            continue
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            if ":" in userinfo:
+                user = userinfo.split(":", 1)[0]
+                one = one.replace(netloc, f"{user}:**@{host}", 1)
+        parts.append(one)
+    return ";".join(parts)
+
+
+def passwords_in(url: str) -> list[str]:
+    """The passwords in ``url`` (raw and percent-decoded), to scrub from messages."""
+    found: list[str] = []
+    for one in url.split(";"):
+        try:
+            password = urlsplit(one).password
+        except ValueError:
+            continue
+        if password:
+            found.extend({password, unquote(password)})
+    return found
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "**")
+    return text
+
+
+def describe(exc: BaseException, url: str) -> str:
+    """``"Type: message"`` of ``exc`` with any password of ``url`` scrubbed (for logs)."""
+    return _scrub(f"{type(exc).__name__}: {exc}", passwords_in(url))
+
+
+def map_error(
+    exc: BaseException,
+    what: str,
+    url: str,
+    *,
+    kind: type[TransportError] | None = None,
+) -> TransportError:
+    """The brama_mq error for ``exc`` raised while doing ``what`` against ``url``.
+
+    Connection-level failures become BrokerUnavailableError; refused credentials,
+    channel errors and the rest TransportError; ``kind`` forces a class. The caller
+    raises the result ``from exc``.
+    """
+    if isinstance(exc, TransportError):
+        return exc
+    detail = describe(exc, url)
+    where = mask_url(url)
+    if kind is None:
+        if isinstance(exc, amqp_exc.AccessRefused | amqp_exc.NotAllowed | amqp_exc.InvalidPath):
+            kind = TransportError
+            detail += " (check the user, password and virtual host)"
+        elif isinstance(exc, OSError | EOFError | amqp_exc.ConnectionError | socket.timeout):
+            kind = BrokerUnavailableError
+        else:
+            kind = TransportError
+    return kind(f"{what} failed ({where}): {detail}")

@@ -1,0 +1,94 @@
+"""Shared fixtures: the broker (env var, testcontainers, or fail), per-test prefixes
+with cleanup, transports, and private throwaway RabbitMQ nodes (see tests/brokers.py)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from brama_mq.transport.amqp import AmqpTransport
+from brama_mq.transport.memory import MemoryTransport
+from brama_mq.transport.topology import Topology
+
+try:  # `python -m pytest` from the repo root: tests is a namespace package
+    from tests import brokers
+except ImportError:  # pytest put tests/ itself on sys.path
+    import brokers  # type: ignore[no-redef]
+
+
+@pytest.fixture(scope="session")
+def broker_registry() -> brokers.Registry:
+    """What each test declared on which broker, for cleanup."""
+    return brokers.Registry()
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    """The broker for the session: BRAMA_TEST_BROKER_URL, else testcontainers, else FAIL."""
+    problem = None
+    try:
+        url, cleanup = brokers.resolve_broker()
+    except brokers.BrokerSetupError as exc:
+        problem = str(exc)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield url
+    finally:
+        cleanup()
+
+
+@pytest.fixture
+def prefix(broker_registry: brokers.Registry) -> Iterator[str]:
+    """A unique name prefix; at teardown everything tracked under it is deleted."""
+    p = f"t{uuid.uuid4().hex[:10]}"
+    yield p
+    errors = broker_registry.sweep(p)
+    assert not errors, errors
+
+
+@pytest.fixture
+def topology(prefix: str) -> Topology:
+    """The topology under the test's prefix."""
+    return Topology(prefix)
+
+
+@pytest.fixture
+def amqp_transport(
+    broker_url: str, topology: Topology, broker_registry: brokers.Registry
+) -> Iterator[AmqpTransport]:
+    """An AmqpTransport on the test broker; closed and its names deleted at teardown."""
+    transport = AmqpTransport(broker_url, topology, connect_timeout=5, reconnect_timeout=20)
+    broker_registry.track_transport(topology.prefix, transport)
+    yield transport
+    transport.close()
+
+
+@pytest.fixture
+def memory_transport(topology: Topology) -> Iterator[MemoryTransport]:
+    """An in-process transport."""
+    transport = MemoryTransport(topology)
+    yield transport
+    transport.close()
+
+
+@pytest.fixture(scope="module")
+def private_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.PrivateNode]:
+    """A throwaway rabbitmq-server node for this module (stop/start/restart freely)."""
+    base: Path = tmp_path_factory.mktemp("rabbit")
+    node = brokers.PrivateNode(base)
+    problem = None
+    try:
+        node.start()
+    except brokers.BrokerSetupError as exc:
+        node.close()
+        problem = str(exc)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield node
+    finally:
+        node.close()
