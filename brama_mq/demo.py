@@ -132,7 +132,7 @@ def _run(
     finally:
         stop.set()
         listener.join(5)
-        owner.stop()
+        owner.stop(wait=10)
         source.close()
         client.disconnect()
     with lock:

@@ -51,11 +51,11 @@ def _name() -> str:
     return f"c{uuid.uuid4().hex[:8]}"
 
 
-FAST = {"max_attempts": 2, "expiry_ms": 300, "success_threshold": 1}
+FAST = {"max_attempts": 2, "expiry_ms": 60_000}
 
 
-def _open(c: Brama, n: str) -> None:
-    c.register(n, scope="s", wait=True, **FAST)
+def _open(c: Brama, n: str, expiry_ms: int = 300) -> None:
+    c.register(n, scope="s", wait=True, max_attempts=2, expiry_ms=expiry_ms)
     c.failure(n, scope="s", wait=True)
     c.failure(n, scope="s", wait=True)
 
@@ -63,6 +63,7 @@ def _open(c: Brama, n: str) -> None:
 def _half_open(c: Brama, n: str, tap: KombuTap) -> None:
     _open(c, n)
     tap.wait_for(lambda seen: "circuit_half_opened" in tap.events_of(n), timeout=5)
+    c.configure(n, scope="s", expiry_ms=60_000, wait=True)  # a reopen now stays open
 
 
 # Each row: (name, setup, action, events the action adds on the wire).

@@ -62,12 +62,12 @@ class KombuTap:
         self.queue.declare()
         self.seen: list[Seen] = []
         self.consumer = kombu.Consumer(
-            self.channel, [self.queue], callbacks=[self._on_message], accept=None
+            self.channel, [self.queue], on_message=self._on_message, accept=None
         )
         self.consumer.consume()
 
-    def _on_message(self, body: Any, message: kombu.Message) -> None:
-        raw = message.body
+    def _on_message(self, message: kombu.Message) -> None:
+        raw = message.body  # raw bytes: the tap must see bad bodies too
         try:
             decoded = json.loads(raw)
         except (TypeError, ValueError):

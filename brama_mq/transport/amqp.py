@@ -404,8 +404,9 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
     """The state owner's link: consume commands, publish events, confirm, ack.
 
     Three channels on one connection: *consume* (QoS per consumer, since quorum queues
-    refuse global QoS), *plain* (transient events and RPC replies) and *confirm*
-    (critical events and dead letters). Used from one thread.
+    refuse global QoS), *plain* (RPC replies) and *confirm* (every event and dead letter:
+    one channel keeps each connection's events in ``seq`` order on the wire; transient
+    ones take a confirm tag that nobody waits for). Used from one thread.
     """
 
     role = "owner link"
@@ -543,7 +544,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
             while i < n:
                 self._ensure()
                 try:
-                    confirm, plain = self._confirm, self._plain
+                    confirm = self._confirm
                     while i < n:
                         ev = events[i]
                         if ev.critical:
@@ -554,7 +555,11 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
                             self._stats["published"] += 1
                             _publish(confirm, msg, exchange, ev.routing_key, True)
                         else:
-                            _publish(plain, _event_message(ev, 1), exchange, ev.routing_key,
+                            # Same channel as the critical ones, so one connection's events
+                            # reach a queue in seq order; the tag is used but not tracked
+                            # (nobody waits for a transient event's confirm).
+                            tracker.next_tag += 1
+                            _publish(confirm, _event_message(ev, 1), exchange, ev.routing_key,
                                      False)
                             self._stats["transient"] += 1
                         i += 1
