@@ -32,8 +32,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--broker", default=MEMORY_URL, show_default=True,
-              help="Broker URL; the default runs on the embedded in-process transport.")
+@click.option(
+    "--broker",
+    default=MEMORY_URL,
+    show_default=True,
+    help="Broker URL; the default runs on the embedded in-process transport.",
+)
 @click.option("--prefix", default=None, help="Name prefix (default: a fresh demo prefix).")
 @click.option("--seconds", default=8.0, show_default=True, help="How long the demo runs.")
 @click.option("--seed", default=7, show_default=True, help="Seed of the simulated failures.")
@@ -50,7 +54,10 @@ def demo(broker: str, prefix: str | None, seconds: float, seed: int, plain: bool
 
     try:
         report = run_demo(
-            broker_url=broker, prefix=prefix, seconds=seconds, seed=seed,
+            broker_url=broker,
+            prefix=prefix,
+            seconds=seconds,
+            seed=seed,
             live=False if plain else None,
         )
     except BramaError as exc:
@@ -60,8 +67,12 @@ def demo(broker: str, prefix: str | None, seconds: float, seed: int, plain: bool
 
 
 @main.command()
-@click.option("--broker", "broker_url", default=None,
-              help="Broker URL [env BRAMA_BROKER_URL; default amqp://guest:***@127.0.0.1:5672//].")
+@click.option(
+    "--broker",
+    "broker_url",
+    default=None,
+    help="Broker URL [env BRAMA_BROKER_URL; default amqp://guest:***@127.0.0.1:5672//].",
+)
 @click.option("--prefix", default=None, help="Name prefix [env BRAMA_PREFIX; default brama].")
 @click.option("--shard", type=int, default=None, help="Serve this shard (with BRAMA_SHARDS > 1).")
 @click.option("--shards", type=int, default=None, help="Number of shards [env BRAMA_SHARDS].")
@@ -90,7 +101,10 @@ def worker(
 
     try:
         settings = Settings.from_env(
-            broker_url=broker_url, prefix=prefix, shards=shards, prefetch=prefetch,
+            broker_url=broker_url,
+            prefix=prefix,
+            shards=shards,
+            prefetch=prefetch,
             log_level=log_level,
         )
     except SettingsError as exc:
@@ -104,12 +118,16 @@ def worker(
     try:
         transport = open_transport(settings.broker_url, Topology(settings.prefix, settings.shards))
         owner = Owner(
-            transport, prefetch=settings.prefetch, shard=shard,
+            transport,
+            prefetch=settings.prefetch,
+            shard=shard,
             max_command_bytes=settings.max_command_bytes,
         )
 
         def _stop(signum: int, _frame: Any) -> None:
-            logging.getLogger("brama_mq.owner").info("signal %d: finishing the batch in hand", signum)
+            logging.getLogger("brama_mq.owner").info(
+                "signal %d: finishing the batch in hand", signum
+            )
             owner.stop()
 
         signal.signal(signal.SIGTERM, _stop)

@@ -58,9 +58,7 @@ class Settings:
         return redact_url(self.broker_url)
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``BRAMA_*`` variables, then non-None ``overrides`` (flags) on top."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}

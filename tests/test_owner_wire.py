@@ -89,7 +89,10 @@ ROWS: list[tuple[str, Step, Step, list[str]]] = [
     ),
     (
         "failure reaching the threshold",
-        lambda c, n, t: (c.register(n, scope="s", wait=True, **FAST), c.failure(n, scope="s", wait=True)),
+        lambda c, n, t: (
+            c.register(n, scope="s", wait=True, **FAST),
+            c.failure(n, scope="s", wait=True),
+        ),
         lambda c, n, t: c.failure(n, scope="s", wait=True),
         ["failure", "circuit_opened", "state_change"],
     ),
@@ -120,13 +123,19 @@ ROWS: list[tuple[str, Step, Step, list[str]]] = [
     ),
     (
         "manual close",
-        lambda c, n, t: (c.register(n, scope="s", wait=True, **FAST), c.open(n, scope="s", expiry_ms=None, wait=True)),
+        lambda c, n, t: (
+            c.register(n, scope="s", wait=True, **FAST),
+            c.open(n, scope="s", expiry_ms=None, wait=True),
+        ),
         lambda c, n, t: c.close(n, scope="s", wait=True),
         ["circuit_closed", "state_change"],
     ),
     (
         "manual reset of an open circuit",
-        lambda c, n, t: (c.register(n, scope="s", wait=True, **FAST), c.open(n, scope="s", wait=True)),
+        lambda c, n, t: (
+            c.register(n, scope="s", wait=True, **FAST),
+            c.open(n, scope="s", wait=True),
+        ),
         lambda c, n, t: c.reset(n, scope="s", wait=True),
         ["circuit_reset", "state_change"],
     ),
@@ -162,13 +171,13 @@ def test_section6_row_on_the_wire(
     before = len(stack.tap.events_of(n))
     action(stack.client, n, stack.tap)
     seen = stack.tap.wait_for(
-        lambda s: stack.tap.events_of(n)[before:][-len(expected):] == expected, timeout=5
+        lambda s: stack.tap.events_of(n)[before:][-len(expected) :] == expected, timeout=5
     )
     ours = [s for s in seen if s.body.get("connection") == n]
-    tail = ours[-len(expected):]
+    tail = ours[-len(expected) :]
     assert [s.event for s in tail] == expected
     stack.tap.drain(0.3)
-    assert stack.tap.events_of(n)[before:][-len(expected):] == expected, "extra events followed"
+    assert stack.tap.events_of(n)[before:][-len(expected) :] == expected, "extra events followed"
     seqs = [s.body["seq"] for s in ours]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq must grow by one"
     for s in ours:
@@ -204,7 +213,9 @@ def test_routing_of_awkward_names(stack: Stack, broker_url: str) -> None:
         for tap, (scope, conn) in zip(taps, NAMES, strict=True):
             tap.wait_for(lambda seen: len(seen) >= 2, timeout=5)
             tap.drain(0.2)
-            assert [(s.body["scope"], s.body["connection"]) for s in tap.seen] == [(scope, conn)] * 2
+            assert [(s.body["scope"], s.body["connection"]) for s in tap.seen] == [
+                (scope, conn)
+            ] * 2
     finally:
         for tap in taps:
             tap.close()
@@ -214,18 +225,31 @@ def _raw_publish(broker_url: str, exchange: str, body: bytes | str, **props: Any
     with kombu.Connection(broker_url) as conn:
         producer = conn.Producer()
         producer.publish(
-            body, exchange=exchange, routing_key="owner", serializer=None,
+            body,
+            exchange=exchange,
+            routing_key="owner",
+            serializer=None,
             content_type=props.pop("content_type", "application/json"),
             content_encoding="binary" if isinstance(body, bytes) else "utf-8",
-            delivery_mode=2, **props,
+            delivery_mode=2,
+            **props,
         )
 
 
 def _good(op: str, conn: str, **extra: Any) -> str:
     import json
 
-    return json.dumps({"v": 1, "op": op, "connection": conn, "scope": "s",
-                       "id": uuid.uuid4().hex, "ts": int(time.time() * 1000), **extra})
+    return json.dumps(
+        {
+            "v": 1,
+            "op": op,
+            "connection": conn,
+            "scope": "s",
+            "id": uuid.uuid4().hex,
+            "ts": int(time.time() * 1000),
+            **extra,
+        }
+    )
 
 
 BAD: list[tuple[str, bytes | str, dict[str, Any], str]] = [
@@ -245,7 +269,7 @@ BAD: list[tuple[str, bytes | str, dict[str, Any], str]] = [
 
 
 def test_bad_commands_are_dead_lettered_with_reason(stack: Stack, broker_url: str) -> None:
-    """Every kind of bad command ends in the dead queue with x-brama-error; good ones around it apply."""
+    """Every kind of bad command is dead-lettered with x-brama-error; good ones around apply."""
     topo = stack.transport.topology
     dead = KombuTap(broker_url, topo.dead_exchange, [""], exchange_type="fanout")
     try:
@@ -276,7 +300,9 @@ def test_expiry_half_opens_on_time(stack: Stack) -> None:
     stack.client.failure(n, scope="s", wait=True)
     seen = stack.tap.wait_for(lambda s: "circuit_half_opened" in stack.tap.events_of(n), timeout=5)
     opened = next(s for s in seen if s.body.get("connection") == n and s.event == "circuit_opened")
-    half = next(s for s in seen if s.body.get("connection") == n and s.event == "circuit_half_opened")
+    half = next(
+        s for s in seen if s.body.get("connection") == n and s.event == "circuit_half_opened"
+    )
     assert opened.body["data"]["open_until"] == opened.body["timestamp"] + 400
     late = half.body["timestamp"] - opened.body["data"]["open_until"]
     assert 0 <= late <= 50, f"half-opened {late} ms after the deadline"

@@ -7,6 +7,7 @@ check the owner's output without trusting brama_mq's own subscriber code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -104,10 +105,8 @@ class KombuTap:
         while time.monotonic() < end:
             if predicate(self.seen):
                 return self.seen
-            try:
+            with contextlib.suppress(TimeoutError, OSError):
                 self.conn.drain_events(timeout=0.05)
-            except (TimeoutError, OSError):
-                pass
         if predicate(self.seen):
             return self.seen
         names = [(s.routing_key, s.event) for s in self.seen]

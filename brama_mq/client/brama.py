@@ -59,7 +59,9 @@ class Brama:
         self.settings = settings
         self._owns_transport = transport is None
         if transport is None:
-            transport = open_transport(settings.broker_url, Topology(settings.prefix, settings.shards))
+            transport = open_transport(
+                settings.broker_url, Topology(settings.prefix, settings.shards)
+            )
         self.transport = transport
         self.request_timeout = request_timeout
         self._link: ClientLink | None = None
@@ -101,7 +103,9 @@ class Brama:
     def _query(self, op: str, connection: str | None, scope: str | None, **options: Any) -> Any:
         command = make_command(op, connection, scope, options=options, now_ms=wall_clock_ms())
         key = self._route(scope, connection)
-        reply: Reply = decode_reply(self.link.request(encode_command(command), self.request_timeout, key))
+        reply: Reply = decode_reply(
+            self.link.request(encode_command(command), self.request_timeout, key)
+        )
         if not reply.ok:
             status = reply.result.get("status") if isinstance(reply.result, Mapping) else None
             if status == "not_registered":
@@ -122,7 +126,12 @@ class Brama:
         if connection is not None:
             check_names(scope, connection)
         command = make_command(
-            op, connection, scope, reason=reason, options=dict(options or {}), now_ms=wall_clock_ms()
+            op,
+            connection,
+            scope,
+            reason=reason,
+            options=dict(options or {}),
+            now_ms=wall_clock_ms(),
         )
         return self._send(command, wait)
 
@@ -173,7 +182,9 @@ class Brama:
         wait: bool = False,
     ) -> Applied | None:
         options = {"lease": lease} if lease else None
-        return self._command("failure", connection, scope, reason=reason, options=options, wait=wait)
+        return self._command(
+            "failure", connection, scope, reason=reason, options=options, wait=wait
+        )
 
     def open(
         self,
@@ -238,7 +249,9 @@ class Brama:
         for k in range(shards):
             command = make_command("snapshot", None, scope, now_ms=wall_clock_ms())
             key = "owner" if shards <= 1 else f"owner.{k}"
-            reply = decode_reply(self.link.request(encode_command(command), self.request_timeout, key))
+            reply = decode_reply(
+                self.link.request(encode_command(command), self.request_timeout, key)
+            )
             if not reply.ok:
                 raise CommandRejectedError("invalid", reply.error or "snapshot refused")
             out.extend(reply.result["connections"])

@@ -24,7 +24,9 @@ def answer_query(engine: Engine, command: Command, now: int) -> Reply:
         return Reply(ok=False, error=f"{op} needs a connection")
     if (scope, connection) not in engine:
         where = connection if scope is None else f"{scope}/{connection}"
-        return Reply(ok=False, error=f"{where} is not registered", result={"status": "not_registered"})
+        return Reply(
+            ok=False, error=f"{where} is not registered", result={"status": "not_registered"}
+        )
     if op == "status":
         return _one(engine, scope, connection, now)
     if op == "acquire_probe":
@@ -43,4 +45,6 @@ def _one(engine: Engine, scope: str | None, connection: str, now: int) -> Reply:
         return Reply(ok=True, result=engine.status(scope, connection, now))
     except KeyError:
         where = connection if scope is None else f"{scope}/{connection}"
-        return Reply(ok=False, error=f"{where} is not registered", result={"status": "not_registered"})
+        return Reply(
+            ok=False, error=f"{where} is not registered", result={"status": "not_registered"}
+        )

@@ -198,7 +198,9 @@ class Owner:
         try:
             link.wait_confirms(_CONFIRM_TIMEOUT_S)
         except TransportError:
-            log.exception("confirms did not arrive; the batch stays unacked and will be redelivered")
+            log.exception(
+                "confirms did not arrive; the batch stays unacked and will be redelivered"
+            )
             raise
 
     def _publish_and_confirm(self, link: OwnerLink, events: Sequence[Event]) -> None:
