@@ -1,0 +1,1 @@
+"""Runnable example workers built on brama_mq (monitor, Celery app)."""
