@@ -140,6 +140,9 @@ class Owner:
                 )
             except ProtocolError as exc:
                 dead += self._dead_letter(link, delivery, "decode", str(exc))
+                if delivery.reply_to:  # the caller waits for an answer: tell it why
+                    refused = Reply(ok=False, error=str(exc), result={"status": "invalid"})
+                    replies.append((delivery, encode_reply(refused)))
                 continue
             if command.op in QUERY_OPS:
                 stats.queries += 1
@@ -151,7 +154,11 @@ class Owner:
                 result = engine.apply(command, now)
             except Exception as exc:  # a bug must cost one command, not the worker
                 log.exception("applying %s failed", command.op)
-                dead += self._dead_letter(link, delivery, "internal", f"internal error: {exc!r}")
+                reason = f"internal error: {exc!r}"
+                dead += self._dead_letter(link, delivery, "internal", reason)
+                if delivery.reply_to:
+                    failed = Reply(ok=False, error=reason, result={"status": "internal"})
+                    replies.append((delivery, encode_reply(failed)))
                 continue
             if result.status == APPLIED or result.status == ALREADY_REGISTERED:
                 stats.applied += 1
@@ -174,9 +181,6 @@ class Owner:
         link.dead_letter(delivery, reason)
         self.stats.dead_lettered += 1
         self.stats.by_reason[kind] = self.stats.by_reason.get(kind, 0) + 1
-        if delivery.reply_to:  # the caller waits for an answer: tell it why
-            reply = Reply(ok=False, error=reason)
-            link.reply(delivery.reply_to, delivery.correlation_id, encode_reply(reply))
         return 1
 
     def _publish(self, link: OwnerLink, events: Sequence[Event]) -> int:

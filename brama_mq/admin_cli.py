@@ -1,0 +1,307 @@
+"""Admin commands of ``brama-mq``: status and the commands that steer breakers.
+
+Each one talks to the running owner over RPC (``wait=True``), so when it returns the
+owner has applied the command and its critical events are confirmed.
+Exit codes: 0 ok, 1 failed, 2 bad usage or settings, 3 not registered, 4 no owner answered.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from brama_mq.client.brama import Applied, Brama
+from brama_mq.core.policy import OPTION_NAMES
+from brama_mq.errors import (
+    BramaError,
+    CommandRejectedError,
+    InvalidNameError,
+    NotRegisteredError,
+    PolicyError,
+    RequestTimeoutError,
+    TransportError,
+)
+from brama_mq.settings import Settings, SettingsError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_REGISTERED = 3
+EXIT_NO_OWNER = 4
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _die(message: str, code: int) -> NoReturn:
+    click.echo(f"brama-mq: {message}", err=True)
+    sys.exit(code)
+
+
+def connection_options(func: F) -> F:
+    """Options every admin command shares."""
+    for option in reversed(
+        [
+            click.option(
+                "--broker", "broker_url", default=None, help="Broker URL [env BRAMA_BROKER_URL]."
+            ),
+            click.option("--prefix", default=None, help="Name prefix [env BRAMA_PREFIX]."),
+            click.option(
+                "--timeout",
+                default=5.0,
+                show_default=True,
+                help="Seconds to wait for the owner's answer.",
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+@contextmanager
+def _client(broker_url: str | None, prefix: str | None, timeout: float) -> Iterator[Brama]:
+    """A client, with every brama_mq error turned into a one-line message and exit code."""
+    try:
+        settings = Settings.from_env(broker_url=broker_url, prefix=prefix)
+    except SettingsError as exc:
+        _die(str(exc), EXIT_USAGE)
+    try:
+        client = Brama(settings=settings, request_timeout=timeout)
+    except BramaError as exc:
+        _die(f"{exc} (check --broker / BRAMA_BROKER_URL)", EXIT_FAILED)
+    try:
+        yield client
+    except (InvalidNameError, PolicyError) as exc:
+        _die(str(exc), EXIT_USAGE)
+    except NotRegisteredError as exc:
+        _die(f"{exc} (register it first: brama-mq register NAME)", EXIT_NOT_REGISTERED)
+    except RequestTimeoutError:
+        _die(
+            f"no owner answered within {timeout} s on prefix {settings.prefix!r} "
+            "(is `brama-mq worker` running?)",
+            EXIT_NO_OWNER,
+        )
+    except CommandRejectedError as exc:
+        _die(f"the owner refused it: {exc}", EXIT_FAILED)
+    except TransportError as exc:
+        _die(f"{exc} (broker {settings.safe_broker_url})", EXIT_FAILED)
+    finally:
+        client.disconnect()
+
+
+def _print_applied(applied: Applied | None, as_json: bool, what: str) -> None:
+    if applied is None:
+        return
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"status": applied.status, "events": [e.model_dump() for e in applied.events]}
+            )
+        )
+        return
+    names = ", ".join(applied.event_names) or "no events"
+    click.echo(f"{what}: {applied.status} ({names})")
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` pairs; values are JSON when they parse as JSON, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            _die(f"--option takes key=value, got {pair!r}", EXIT_USAGE)
+        if key not in OPTION_NAMES:
+            _die(f"unknown option {key!r}; valid: {', '.join(OPTION_NAMES)}", EXIT_USAGE)
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+_OPTION_HELP = "Policy option as key=value (repeatable): " + ", ".join(OPTION_NAMES)
+
+
+@click.command()
+@click.option("--scope", default=None, help="Only this scope's breakers.")
+@connection_options
+def status(
+    scope: str | None, broker_url: str | None, prefix: str | None, timeout: float, as_json: bool
+) -> None:
+    """A table of every breaker: state, failures, time left open.
+
+    \b
+    Examples:
+      brama-mq status
+      brama-mq status --scope payments --json
+    """
+    with _client(broker_url, prefix, timeout) as client:
+        rows = client.snapshot(scope)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = Table(title=f"{len(rows)} breakers")
+    for column in ("scope", "connection", "state", "failures", "open left", "policy"):
+        table.add_column(column)
+    now = time.time() * 1000
+    for row in sorted(rows, key=lambda r: (str(r["scope"]), r["connection"])):
+        left = "-"
+        if row["state"] == "open":
+            until = row.get("open_until")
+            left = "until closed" if until is None else f"{max(0, until - now) / 1000:.1f} s"
+        policy = row.get("policy", {})
+        table.add_row(
+            str(row["scope"] or "-"),
+            row["connection"],
+            row["state"],
+            f"{row['failure_count']}/{row['max_attempts']}",
+            left,
+            f"expiry {policy.get('expiry_ms')} ms, {policy.get('strategy')}",
+        )
+    Console().print(table)
+
+
+@click.command()
+@click.argument("connection")
+@click.option("--scope", default=None)
+@click.option("--option", "-o", "options", multiple=True, help=_OPTION_HELP)
+@connection_options
+def register(
+    connection: str,
+    scope: str | None,
+    options: tuple[str, ...],
+    broker_url: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Register a connection (a duplicate changes nothing).
+
+    \b
+    Examples:
+      brama-mq register payment_api --scope payments -o max_attempts=3 -o expiry_ms=30000
+    """
+    opts = _parse_options(options)
+    with _client(broker_url, prefix, timeout) as client:
+        _print_applied(
+            client.register(connection, scope=scope, wait=True, **opts), as_json, "register"
+        )
+
+
+@click.command()
+@click.argument("connection", required=False)
+@click.option("--scope", default=None)
+@click.option("--option", "-o", "options", multiple=True, required=True, help=_OPTION_HELP)
+@connection_options
+def configure(
+    connection: str | None,
+    scope: str | None,
+    options: tuple[str, ...],
+    broker_url: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Change policy options of a connection (no CONNECTION: the defaults for new ones).
+
+    \b
+    Examples:
+      brama-mq configure payment_api --scope payments -o expiry_ms=10000
+      brama-mq configure -o max_attempts=10
+    """
+    opts = _parse_options(options)
+    with _client(broker_url, prefix, timeout) as client:
+        _print_applied(
+            client.configure(connection, scope=scope, wait=True, **opts), as_json, "configure"
+        )
+
+
+def _simple(op: str, doc: str) -> click.Command:
+    @click.command(name=op, help=doc)
+    @click.argument("connection")
+    @click.option("--scope", default=None)
+    @click.option("--reason", default=None, help="Why (shows in the events).")
+    @connection_options
+    def command(
+        connection: str,
+        scope: str | None,
+        reason: str | None,
+        broker_url: str | None,
+        prefix: str | None,
+        timeout: float,
+        as_json: bool,
+    ) -> None:
+        with _client(broker_url, prefix, timeout) as client:
+            kwargs: dict[str, Any] = {"scope": scope, "wait": True}
+            if op != "unregister":
+                kwargs["reason"] = reason
+            _print_applied(getattr(client, op)(connection, **kwargs), as_json, op)
+
+    return command
+
+
+unregister = _simple(
+    "unregister", "Remove a connection.\n\n\b\nExamples:\n  brama-mq unregister payment_api"
+)
+close = _simple(
+    "close",
+    "Close a circuit by hand (the failure count restarts).\n\n\b\nExamples:\n"
+    "  brama-mq close payment_api --scope payments --reason 'fixed upstream'",
+)
+reset = _simple(
+    "reset", "Reset a circuit: closed, count 0.\n\n\b\nExamples:\n  brama-mq reset payment_api"
+)
+
+
+@click.command(name="open")
+@click.argument("connection")
+@click.option("--scope", default=None)
+@click.option("--reason", default=None, help="Why (shows in the events).")
+@click.option("--expiry-ms", type=int, default=None, help="Open for this long (default: policy).")
+@click.option("--until-closed", is_flag=True, help="Stay open until closed by hand.")
+@connection_options
+def open_(
+    connection: str,
+    scope: str | None,
+    reason: str | None,
+    expiry_ms: int | None,
+    until_closed: bool,
+    broker_url: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Open a circuit by hand.
+
+    \b
+    Examples:
+      brama-mq open payment_api --scope payments --until-closed --reason maintenance
+      brama-mq open ledger_db --expiry-ms 5000
+    """
+    if until_closed and expiry_ms is not None:
+        _die("--expiry-ms and --until-closed exclude each other", EXIT_USAGE)
+    kwargs: dict[str, Any] = {"scope": scope, "reason": reason, "wait": True}
+    if until_closed:
+        kwargs["expiry_ms"] = None
+    elif expiry_ms is not None:
+        kwargs["expiry_ms"] = expiry_ms
+    with _client(broker_url, prefix, timeout) as client:
+        _print_applied(client.open(connection, **kwargs), as_json, "open")
+
+
+ADMIN_COMMANDS: list[click.Command] = [
+    status,
+    register,
+    unregister,
+    open_,
+    close,
+    reset,
+    configure,
+]
