@@ -141,5 +141,14 @@ def worker(
         _fail(f"{exc} (broker {settings.safe_broker_url})")
 
 
+def _add_admin_commands() -> None:
+    from brama_mq.admin_cli import ADMIN_COMMANDS
+
+    for command in ADMIN_COMMANDS:
+        main.add_command(command)
+
+
+_add_admin_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
