@@ -1,0 +1,189 @@
+"""One brama_mq client, local view and outbox per Celery app and worker process.
+
+Everything here is made lazily, in the process that uses it, the first time a guarded
+task runs (or, in prefork children, right after the fork via ``worker_process_init``,
+without waiting). Nothing is ever inherited across ``fork()``: an after-fork hook
+forgets the parent's runtimes, and the child builds its own connections. That covers
+every pool: prefork children, and the worker process itself for solo, threads and
+gevent.
+
+Settings, from the Celery app's configuration:
+
+====================================  =========================================================
+``brama_broker_url``                  RabbitMQ of the owner; default: the Celery broker
+``brama_prefix``                      name prefix; default ``BRAMA_PREFIX``, else ``brama``
+``brama_shards``                      owner shards; default ``BRAMA_SHARDS``, else 1
+``brama_fail_mode``                   ``"open"`` (default) or ``"closed"``: what checks do when
+                                      the view is cut off for longer than the next setting
+``brama_view_max_staleness``          seconds (default 30)
+``brama_view_startup_timeout``        seconds the first check waits for the view (default 5)
+``brama_outbox_size``                 reports buffered while the broker is away (default 10,000)
+``brama_client``                      a ready :class:`~brama_mq.client.Brama` to use instead
+                                      (tests, embedding: e.g. one on a ``MemoryTransport``)
+====================================  =========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Final
+
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+
+from brama_mq.client.brama import Brama
+from brama_mq.client.guard import GuardRuntime, runtime_for
+from brama_mq.client.local_view import _ORPHANS, FAIL_MODES
+from brama_mq.settings import Settings, SettingsError
+from brama_mq.transport import Topology, open_transport
+
+__all__ = ["AMQP_SCHEMES", "app_settings", "runtime_for_app", "shutdown_runtimes"]
+
+log = logging.getLogger("brama_mq.celery")
+
+AMQP_SCHEMES: Final = ("amqp", "amqps", "pyamqp", "librabbitmq", "memory")
+#: A link that cannot reach the broker gives up after this long (the outbox and the view
+#: retry by themselves), so a probe request never blocks a task for a minute.
+RECONNECT_TIMEOUT_S: Final = 5.0
+
+_lock = threading.RLock()
+#: id(app) -> (app, runtime, owns_client), for this process only.
+_RUNTIMES: dict[int, tuple[Any, GuardRuntime, bool]] = {}
+#: Set when a guarded task class or function is defined in this process.
+_GUARDS_DEFINED = threading.Event()
+
+
+def _conf(app: Any, name: str, default: Any = None) -> Any:
+    value = app.conf.get(name)
+    return default if value is None else value
+
+
+def _celery_broker_url(app: Any) -> str:
+    conn = app.connection_for_write()
+    try:
+        return str(conn.as_uri(include_password=True))
+    finally:
+        conn.release()
+
+
+def app_settings(app: Any) -> dict[str, Any]:
+    """The brama_mq settings of a Celery app (validated; see the module doc)."""
+    url = _conf(app, "brama_broker_url") or _celery_broker_url(app)
+    scheme = str(url).split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in AMQP_SCHEMES:
+        raise SettingsError(
+            f"brama_mq needs RabbitMQ, but the broker is {scheme}://...: set brama_broker_url "
+            "to an amqp:// URL"
+        )
+    if scheme in ("pyamqp", "librabbitmq"):
+        url = "amqp" + str(url)[len(scheme) :]
+    fail_mode = _conf(app, "brama_fail_mode", "open")
+    if fail_mode not in FAIL_MODES:
+        raise SettingsError(f"brama_fail_mode must be one of {FAIL_MODES}, not {fail_mode!r}")
+    try:
+        staleness = float(_conf(app, "brama_view_max_staleness", 30.0))
+        startup = float(_conf(app, "brama_view_startup_timeout", 5.0))
+        outbox = int(_conf(app, "brama_outbox_size", 10_000))
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"invalid brama_* setting: {exc}") from None
+    if staleness <= 0 or startup < 0 or outbox < 1:
+        raise SettingsError(
+            "brama_view_max_staleness must be > 0, brama_view_startup_timeout >= 0 and "
+            "brama_outbox_size >= 1"
+        )
+    settings = Settings.from_env(
+        broker_url=url, prefix=_conf(app, "brama_prefix"), shards=_conf(app, "brama_shards")
+    )
+    return {
+        "settings": settings,
+        "fail_mode": fail_mode,
+        "max_staleness": staleness,
+        "startup_timeout": startup,
+        "outbox_size": outbox,
+    }
+
+
+def runtime_for_app(app: Any, *, wait: bool = True) -> GuardRuntime:
+    """This process's runtime for ``app`` (made on first use; see the module doc)."""
+    found = _RUNTIMES.get(id(app))
+    if found is not None and found[0] is app:
+        return found[1]
+    with _lock:
+        found = _RUNTIMES.get(id(app))
+        if found is not None and found[0] is app:
+            return found[1]
+        options = app_settings(app)
+        settings: Settings = options.pop("settings")
+        client = app.conf.get("brama_client")
+        owns = client is None
+        if client is None:
+            transport = open_transport(
+                settings.broker_url,
+                Topology(settings.prefix, settings.shards),
+                **({} if settings.broker_url.startswith("memory://") else
+                   {"reconnect_timeout": RECONNECT_TIMEOUT_S}),
+            )
+            client = Brama(transport=transport, settings=settings)
+        runtime = runtime_for(client, wait=False, **options)
+        _RUNTIMES[id(app)] = (app, runtime, owns)
+        log.info(
+            "brama guard for %s started in pid %d (%s, prefix %s)",
+            app.main or "celery app",
+            os.getpid(),
+            settings.safe_broker_url,
+            settings.prefix,
+        )
+    if wait:
+        runtime.view.wait_ready(runtime.startup_timeout)
+    return runtime
+
+
+def shutdown_runtimes(timeout: float = 5.0) -> None:
+    """Flush the outboxes (up to ``timeout`` each) and stop this process's runtimes."""
+    with _lock:
+        items = list(_RUNTIMES.values())
+        _RUNTIMES.clear()
+    for _app, runtime, owns in items:
+        try:
+            runtime.close(timeout)
+            if owns:
+                runtime.client.disconnect()
+                runtime.client.transport.close()
+        except Exception:
+            log.exception("brama guard: shutting down failed")
+
+
+def _after_fork() -> None:
+    _ORPHANS.extend(_RUNTIMES.values())
+    _RUNTIMES.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _on_process_init(**_: Any) -> None:
+    """A prefork child was just forked: start its view now, without waiting for it."""
+    if not _GUARDS_DEFINED.is_set():
+        return
+    from celery import current_app
+
+    try:
+        runtime_for_app(current_app._get_current_object(), wait=False)
+    except Exception:
+        log.exception("brama guard: could not start in the new worker process")
+
+
+def _on_process_shutdown(**_: Any) -> None:
+    shutdown_runtimes(timeout=2.0)
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    shutdown_runtimes(timeout=2.0)
+
+
+# Connected here (not with the decorator form, which mypy cannot see through).
+worker_process_init.connect(_on_process_init, weak=False)
+worker_process_shutdown.connect(_on_process_shutdown, weak=False)
+worker_shutdown.connect(_on_worker_shutdown, weak=False)

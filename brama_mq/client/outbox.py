@@ -1,0 +1,313 @@
+"""A bounded outbox of outcome reports, sent by a background thread.
+
+Guards report ``success``/``failure`` here instead of sending inline, so a guarded call
+never waits for the broker and never fails because of it. One :class:`Outbox` per
+client and process:
+
+* :meth:`Outbox.put` appends to a deque and, only when the sender sleeps, wakes it: no
+  lock, no I/O, no exception on the caller's path;
+* the sender thread takes up to ``batch`` reports, encodes them and publishes them
+  pipelined (one wait for the broker's confirms per batch, through the link's
+  ``send_many`` when it has one); on a transport error the batch stays at the head and
+  is sent again after a pause (exponential, capped at 5 s), so reports are delivered
+  at least once and in order once the broker is back;
+* the outbox holds at most ``max_size`` reports waiting (plus the batch in flight);
+  when it is full a new report is dropped, counted in ``stats()["dropped"]`` and logged
+  (the first drop of a spell at WARNING, then every 1,000th).
+
+``release_probe`` requests (a probe permit given back because the call reported
+nothing) go through the same queue and are tried once: a lost one only means the
+permit comes back when its lease times out.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from time import time_ns
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+from brama_mq.errors import BramaError
+from brama_mq.protocol import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from brama_mq.client.brama import Brama
+
+__all__ = ["DEFAULT_OUTBOX_SIZE", "Outbox", "Report"]
+
+log = logging.getLogger("brama_mq.outbox")
+
+DEFAULT_OUTBOX_SIZE: Final = 10_000
+DEFAULT_BATCH: Final = 500
+RELEASE: Final = "release_probe"
+#: A failure reason longer than this is cut (the command size limit is 64 KiB).
+MAX_REASON: Final = 1000
+#: Seconds between two log lines about dropped reports.
+DROP_LOG_INTERVAL: Final = 10.0
+
+
+class Report(NamedTuple):
+    """One outcome to send: ``op`` is success, failure or release_probe; ``ts_ns`` is
+    the wall clock when it was queued (the queue holds plain tuples of these fields)."""
+
+    op: str
+    connection: str
+    scope: str | None
+    reason: str | None
+    lease: str | None
+    ts_ns: int
+
+
+_quote: Final = json.encoder.encode_basestring_ascii
+
+
+class Outbox:
+    """Reports waiting for the broker, and the thread that sends them (see module doc)."""
+
+    def __init__(
+        self,
+        client: Brama,
+        *,
+        max_size: int = DEFAULT_OUTBOX_SIZE,
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        if max_size < 1 or batch < 1:
+            raise ValueError("max_size and batch must be >= 1")
+        self.client = client
+        self.max_size = max_size
+        self.batch = batch
+        self.pid = os.getpid()
+        self._queue: deque[tuple[str, str, str | None, str | None, str | None, int]] = deque()
+        self._inflight: list[Report] = []
+        self._wake = threading.Event()
+        self._idle = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._last_drop_log = 0.0
+        self._id_prefix = uuid.uuid4().hex[:16] + "-"
+        self._ids = itertools.count(1)
+        self._heads: dict[tuple[str, str, str | None], str] = {}
+        self.counters: dict[str, int] = {
+            "sent": 0,
+            "dropped": 0,
+            "retries": 0,
+            "released": 0,
+            "release_failures": 0,
+        }
+        _OUTBOXES.add(self)
+
+    # ------------------------------------------------------------------ producer side
+    def put(
+        self,
+        op: str,
+        connection: str,
+        scope: str | None,
+        reason: str | None = None,
+        lease: str | None = None,
+    ) -> bool:
+        """Queue a report; False (and counted) when the outbox is full. Never raises."""
+        queue = self._queue
+        if len(queue) >= self.max_size:
+            self._drop(op, connection)
+            return False
+        queue.append((op, connection, scope, reason, lease, time_ns()))
+        if self._idle:
+            self._wake.set()
+        elif self._thread is None:
+            self.start()
+        return True
+
+    def _drop(self, op: str, connection: str) -> None:
+        dropped = self.counters["dropped"] = self.counters["dropped"] + 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
+            self._last_drop_log = now
+            log.warning(
+                "brama outbox (pid %d) is full (%d reports waiting for the broker): "
+                "dropped %s for %r (%d dropped so far)",
+                self.pid,
+                len(self._queue),
+                op,
+                connection,
+                dropped,
+            )
+
+    def pending(self) -> int:
+        """Reports not yet confirmed by the broker (waiting plus in flight)."""
+        return len(self._queue) + len(self._inflight)
+
+    def stats(self) -> dict[str, int]:
+        """sent, dropped, retries, released, release_failures, pending."""
+        out = dict(self.counters)
+        out["pending"] = self.pending()
+        return out
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the sender thread (idempotent)."""
+        with self._start_lock:
+            if self._thread is None and not self._stop.is_set():
+                thread = threading.Thread(target=self._run, name="brama-outbox", daemon=True)
+                self._thread = thread
+                thread.start()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far is sent (or ``timeout``); True if empty."""
+        deadline = time.monotonic() + timeout
+        while self.pending():
+            if self._thread is None or not self._thread.is_alive():
+                return False
+            self._wake.set()
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush for up to ``timeout`` seconds, then stop the sender."""
+        if self.pid == os.getpid():
+            self.flush(timeout)
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # ------------------------------------------------------------------ sender side
+    def _take(self) -> list[Report]:
+        queue = self._queue
+        out: list[Report] = []
+        while queue and len(out) < self.batch:
+            out.append(Report._make(queue.popleft()))
+        return out
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            if not self._inflight:
+                self._inflight = self._take()
+            if not self._inflight:
+                if self._stop.is_set():
+                    return
+                self._idle = True
+                if not self._queue:  # checked after raising the flag: no lost wake-up
+                    self._wake.wait(1.0)
+                self._idle = False
+                self._wake.clear()
+                continue
+            try:
+                self._send(self._inflight)
+            except BramaError as exc:
+                failures += 1
+                self.counters["retries"] += 1
+                pause = min(5.0, 0.1 * 2 ** min(failures, 6))
+                log.warning(
+                    "brama outbox (pid %d): %d reports not sent (%s); retrying in %.1f s "
+                    "(%d waiting)",
+                    self.pid,
+                    len(self._inflight),
+                    exc,
+                    pause,
+                    len(self._queue),
+                )
+                if self._stop.wait(pause):
+                    return
+                continue
+            except Exception:
+                log.exception("brama outbox (pid %d): unexpected error; reports dropped", self.pid)
+                self.counters["dropped"] += len(self._inflight)
+            if failures:
+                log.warning("brama outbox (pid %d): the broker is back, reports sent", self.pid)
+            failures = 0
+            self._inflight = []
+
+    def _send(self, reports: list[Report]) -> None:
+        client = self.client
+        bodies: list[tuple[bytes, str]] = []
+        releases: list[Report] = []
+        for r in reports:
+            if r.op == RELEASE:
+                releases.append(r)
+                continue
+            bodies.append((self.encode(r), client._route(r.scope, r.connection)))
+        if bodies:
+            link: Any = client.link
+            send_many = getattr(link, "send_many", None)
+            if send_many is not None:
+                send_many(bodies)
+            else:
+                for body, key in bodies:
+                    link.send(body, key)
+            self.counters["sent"] += len(bodies)
+        for r in releases:
+            try:
+                if r.lease is not None:
+                    client.release_probe(r.connection, r.lease, scope=r.scope)
+                self.counters["released"] += 1
+            except BramaError as exc:
+                self.counters["release_failures"] += 1
+                log.info("brama outbox: giving back probe permit %s failed (%s)", r.lease, exc)
+
+
+    def encode(self, r: Report) -> bytes:
+        """The command of a report as the protocol's JSON (``v``, ``op``, ``connection``,
+        ``scope``, ``id``, ``ts``, ``reason``, ``options.lease``). Strings are
+        ASCII-escaped JSON, so no exception text can make the body invalid; the head up
+        to the id is built once per (op, connection, scope)."""
+        head_key = (r.op, r.connection, r.scope)
+        head = self._heads.get(head_key)
+        if head is None:
+            if len(self._heads) > 10_000:
+                self._heads.clear()
+            scope = "null" if r.scope is None else _quote(r.scope)
+            head = self._heads[head_key] = (
+                f'{{"v":{PROTOCOL_VERSION},"op":{_quote(r.op)},"connection":'
+                f'{_quote(r.connection)},"scope":{scope},"id":"{self._id_prefix}'
+            )
+        body = f'{head}{next(self._ids):x}","ts":{r.ts_ns // 1_000_000}'
+        if r.reason is not None:
+            reason = r.reason
+            if len(reason) > MAX_REASON:
+                reason = reason[: MAX_REASON - 3] + "..."
+            body += ',"reason":' + _quote(reason.encode("utf-8", "replace").decode("utf-8"))
+        if r.lease:
+            body += ',"options":{"lease":' + _quote(r.lease) + "}"
+        return (body + "}").encode("ascii")
+
+
+_OUTBOXES: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+def flush_all(timeout: float = 5.0) -> None:
+    """Flush every outbox of this process (each gets up to ``timeout`` seconds)."""
+    pid = os.getpid()
+    for outbox in list(_OUTBOXES):
+        if outbox.pid == pid and outbox.pending() and not outbox.flush(timeout):
+            log.warning(
+                "brama outbox (pid %d): %d reports not sent before exit",
+                pid,
+                outbox.pending(),
+            )
+
+
+def _after_fork() -> None:
+    # The parent's sender thread does not exist here: never send the parent's reports
+    # twice, and never touch its link. The owning client builds a new outbox.
+    for outbox in list(_OUTBOXES):
+        outbox._stop.set()
+        outbox._queue.clear()
+        outbox._inflight = []
+
+
+atexit.register(flush_all, 2.0)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
