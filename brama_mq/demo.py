@@ -125,7 +125,7 @@ def _run(
                 _tick(client, services, report, lock)
                 with lock:
                     for line in lines:
-                        console.print(line, highlight=False)
+                        console.print(line, highlight=False, soft_wrap=True)
                     lines.clear()
                 time.sleep(0.1)
         time.sleep(0.3)  # let the last events arrive
@@ -137,10 +137,11 @@ def _run(
         client.disconnect()
     with lock:
         for line in lines:
-            console.print(line, highlight=False)
-    console.print(f"[bold]events seen:[/] {dict(sorted(report.events.items()))}")
-    console.print(f"[bold]calls:[/] {dict(sorted(report.calls.items()))}")
-    console.print(f"[bold]final states:[/] {report.states}")
+            console.print(line, highlight=False, soft_wrap=True)
+    # soft_wrap: one line per record however narrow the terminal (or pipe) is
+    console.print(f"[bold]events seen:[/] {dict(sorted(report.events.items()))}", soft_wrap=True)
+    console.print(f"[bold]calls:[/] {dict(sorted(report.calls.items()))}", soft_wrap=True)
+    console.print(f"[bold]final states:[/] {report.states}", soft_wrap=True)
 
 
 def _tick(

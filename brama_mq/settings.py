@@ -19,6 +19,7 @@ MEMORY_URL: Final = "memory://"
 DEFAULT_PREFIX: Final = "brama"
 
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+_LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 _PASSWORD_RE: Final = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)[^@\s]*(?=@)")
 
 
@@ -52,6 +53,10 @@ class Settings:
                 raise SettingsError(f"{name} must be a positive integer, got {value!r}")
         if self.prefetch > 65_535:
             raise SettingsError(f"prefetch must be <= 65535, got {self.prefetch}")
+        if not isinstance(self.log_level, str) or self.log_level.upper() not in _LOG_LEVELS:
+            raise SettingsError(
+                f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}"
+            )
 
     @property
     def safe_broker_url(self) -> str:
@@ -71,7 +76,7 @@ class Settings:
             ("max_command_bytes", "BRAMA_MAX_COMMAND_BYTES", int),
         ):
             raw = env.get(var)
-            if raw is None or raw == "":
+            if raw is None or raw == "" or overrides.get(field) is not None:
                 continue
             try:
                 values[field] = kind(raw)

@@ -1,0 +1,280 @@
+"""A ``brama-mq worker`` process against a private RabbitMQ node that the tests restart
+and whose connections they close: the same worker process reconnects by itself and no
+critical event is lost (at least once: a repeated event repeats its ``id`` and ``seq``).
+
+What reached the broker is read from a durable classic queue bound before the load,
+with plain kombu (tests/wire.py), not with brama_mq's subscriber code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import amqp
+import kombu
+import pytest
+from amqp import spec
+
+from brama_mq.client import Brama
+from brama_mq.errors import BramaError
+from brama_mq.protocol import encode_command, make_command
+from brama_mq.transport import Topology
+from brama_mq.transport.amqp import AmqpTransport
+from tests import brokers
+from tests.wire import KombuTap, Seen
+from tests.worker_proc import WorkerProcess
+
+pytestmark = pytest.mark.private_node
+
+CRITICAL_KEYS = ["#.state_change", "#.circuit_opened"]
+
+
+class Setup:
+    """A client transport, a durable tap queue and a worker, all on the private node."""
+
+    def __init__(self, node: brokers.PrivateNode, prefix: str, tmp_path: Path) -> None:
+        self.node = node
+        self.topology = Topology(prefix)
+        # Short reconnect window: sends during an outage raise and the test retries them.
+        self.transport = AmqpTransport(
+            node.url, self.topology, connect_timeout=2, reconnect_timeout=2, max_backoff=0.5
+        )
+        self.transport.declare()
+        self.tap_queue = f"{prefix}.durable-tap"
+        # Declared (durable, bound) before any load; nobody consumes it until the end.
+        KombuTap(node.url, self.topology.events_exchange, CRITICAL_KEYS,
+                 queue=self.tap_queue, durable=True).conn.release()
+        self.client = Brama(transport=self.transport, request_timeout=20)
+        self.tmp_path = tmp_path
+        self.worker: WorkerProcess | None = None
+
+    def start_worker(self, **settings: str) -> WorkerProcess:
+        self.worker = WorkerProcess(
+            self.tmp_path / "worker.log",
+            {"BRAMA_BROKER_URL": self.node.url, "BRAMA_PREFIX": self.topology.prefix,
+             **settings},
+        )
+        self.worker.wait_ready()
+        return self.worker
+
+    def depth(self) -> int:
+        probe = brokers.WireProbe(self.node.url, self.tap_queue, declare=False)
+        try:
+            return probe.depth()
+        finally:
+            probe.close()
+
+    def read_tap(self, done: Callable[[list[Seen]], bool], timeout: float) -> list[Seen]:
+        """Consume the durable queue until ``done(seen)``; AssertionError if it never is."""
+        tap = KombuTap(self.node.url, self.topology.events_exchange, CRITICAL_KEYS,
+                       queue=self.tap_queue, durable=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not done(tap.seen):
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"not every critical event arrived within {timeout} s "
+                        f"({len(tap.seen)} seen)"
+                    )
+                tap.drain(0.3)
+            tap.drain(0.3)  # and whatever duplicates follow
+            return list(tap.seen)
+        finally:
+            tap.close()  # deletes the durable queue
+
+    def close(self) -> None:
+        try:
+            if self.worker is not None:
+                self.worker.close()
+        finally:
+            self.client.disconnect()
+            self.transport.close()
+            with contextlib.suppress(Exception):
+                brokers.delete_names(self.node.url, [self.tap_queue], [])
+
+
+@pytest.fixture
+def setup(
+    private_node: brokers.PrivateNode, prefix: str, tmp_path: Path,
+    broker_registry: brokers.Registry,
+) -> Iterator[Setup]:
+    if not private_node.running():  # a failed earlier test may have left it down
+        private_node.start()
+    broker_registry.track(prefix, private_node.url)
+    s = Setup(private_node, prefix, tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _in_parallel(calls: list[Callable[[], object]], threads: int = 8) -> None:
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
+
+
+def _retrying(send: Callable[[], object], give_up: float) -> int:
+    """Call ``send`` until it returns (the broker confirmed); returns how many tries failed."""
+    failed = 0
+    while True:
+        try:
+            send()
+            return failed
+        except BramaError:
+            failed += 1
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.2)
+
+
+def _check_openings(seen: list[Seen], names: list[str]) -> None:
+    """Each name has circuit_opened and state_change; repeats of one share id and seq."""
+    by: dict[tuple[str, str], set[tuple[str, int]]] = defaultdict(set)
+    for s in seen:
+        by[(str(s.body["connection"]), s.event)].add((str(s.body["id"]), int(s.body["seq"])))
+        assert s.delivery_mode == 2, s
+    for n in names:
+        for event in ("circuit_opened", "state_change"):
+            assert len(by[(n, event)]) == 1, (n, event, by[(n, event)])
+        (_, opened_seq), = by[(n, "circuit_opened")]
+        (_, change_seq), = by[(n, "state_change")]
+        assert change_seq == opened_seq + 1
+
+
+def _covers(names: list[str]) -> Callable[[list[Seen]], bool]:
+    def done(seen: list[Seen]) -> bool:
+        got = {(str(s.body.get("connection")), s.event) for s in seen}
+        return all((n, "circuit_opened") in got and (n, "state_change") in got for n in names)
+
+    return done
+
+
+def test_worker_reconnects_by_itself_across_a_node_restart(setup: Setup) -> None:
+    """Node restarted mid-load: the same worker process reconnects, and every confirmed
+    failure's circuit_opened and state_change are in the durable queue."""
+    worker = setup.start_worker()
+    pid = worker.pid
+    client = setup.client
+    names = [f"n{i:04d}" for i in range(1000)]
+    _in_parallel([lambda n=n: client.register(n, scope="r", max_attempts=1,
+                                              expiry_ms=600_000) for n in names])
+    assert client.status(names[-1], scope="r")["state"] == "closed"  # all applied
+
+    confirmed: list[str] = []
+    retried = 0
+    problem: list[BaseException] = []
+
+    def send_failures() -> None:
+        nonlocal retried
+        give_up = time.monotonic() + 120
+        try:
+            for n in names:
+                retried += _retrying(lambda n=n: client.failure(n, scope="r"), give_up)
+                confirmed.append(n)
+        except BaseException as exc:
+            problem.append(exc)
+
+    sender = threading.Thread(target=send_failures, daemon=True)
+    sender.start()
+    deadline = time.monotonic() + 60
+    while len(confirmed) < len(names) // 3 and sender.is_alive():
+        assert time.monotonic() < deadline, "the failures are not being confirmed"
+        time.sleep(0.01)
+    at_restart = len(confirmed)
+    setup.node.restart()
+    sender.join(150)
+    assert not problem, problem
+    assert confirmed == names
+    assert at_restart < len(names), "the restart came after the load"
+
+    seen = setup.read_tap(_covers(confirmed), timeout=90)
+    _check_openings(seen, confirmed)
+    assert worker.alive() and worker.pid == pid
+    os.kill(pid, 0)
+    log = worker.output()
+    assert log.count("worker starting") == 1, log
+    assert "owner link lost its connection" in log, log
+    assert "owner link connected to" in log, log
+    assert client.status(names[0], scope="r")["state"] == "open"
+    worker.terminate()
+    assert worker.wait(20) == 0, worker.output()
+
+
+def _prepublish(url: str, topology: Topology, commands: list[bytes]) -> None:
+    """Publish persistent commands, pipelined, and wait until the broker confirmed all."""
+    settled: set[int] = set()
+    nacked: list[int] = []
+
+    def on_ack(tag: int, multiple: bool) -> None:
+        settled.update(range(1, tag + 1) if multiple else (tag,))
+
+    def on_nack(tag: int, multiple: bool) -> None:
+        nacked.append(tag)
+
+    with kombu.Connection(url, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+        ch = conn.connection.channel()
+        ch.confirm_select()
+        ch.events["basic_ack"].add(on_ack)
+        ch.events["basic_nack"].add(on_nack)
+        for body in commands:  # basic.publish without py-amqp's wait for each confirm
+            ch.send_method(
+                spec.Basic.Publish, "Bssbb", (0, topology.commands_exchange, "owner", True, False),
+                amqp.Message(body, delivery_mode=2, content_type="application/json"),
+            )
+        deadline = time.monotonic() + 60
+        while len(settled) < len(commands) and not nacked:
+            assert time.monotonic() < deadline, f"{len(settled)} of {len(commands)} confirmed"
+            with contextlib.suppress(TimeoutError):
+                conn.connection.drain_events(timeout=0.5)
+        assert not nacked, f"the broker refused commands {nacked[:10]}"
+        ch.close()
+
+
+def test_no_critical_event_lost_when_connections_are_closed_mid_storm(setup: Setup) -> None:
+    """close_all_connections in the middle of a storm of 3,000 openings (the worker publishing
+    and waiting for confirms): it reconnects, and every opening's circuit_opened and
+    state_change reach the durable queue."""
+    names = [f"s{i:04d}" for i in range(3000)]
+    now = int(time.time() * 1000)
+    policy = {"max_attempts": 1, "expiry_ms": 600_000}
+    _prepublish(setup.node.url, setup.topology, [
+        encode_command(make_command(op, n, "x", options=policy if op == "register" else None,
+                                    now_ms=now))
+        for op in ("register", "failure") for n in names
+    ])
+    worker = setup.start_worker(BRAMA_PREFETCH="50")
+    probe = brokers.WireProbe(setup.node.url, setup.tap_queue, declare=False)
+    try:
+        deadline = time.monotonic() + 60
+        while probe.depth() < 300:  # the storm of openings is under way
+            assert time.monotonic() < deadline, "the storm did not start within 60 s"
+            time.sleep(0.005)
+        # Freeze the worker so the close lands mid-storm however slow rabbitmqctl is:
+        # it resumes to find its connection closed, with publishes unconfirmed in hand.
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.2)
+            frozen_at = probe.depth()
+            setup.node.close_connections("brama test: mid storm")
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+    finally:
+        probe.close()
+    assert frozen_at < 2 * len(names), "the storm was over before the close"
+    seen = setup.read_tap(_covers(names), timeout=90)
+    _check_openings(seen, names)
+    log = worker.output()
+    assert "owner link lost its connection" in log and "(epoch 2)" in log, log
+    assert worker.alive()
+    worker.terminate()
+    assert worker.wait(20) == 0, worker.output()
