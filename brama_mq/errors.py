@@ -101,6 +101,10 @@ class CircuitOpenError(BramaError):
         left = "until closed by hand" if retry_after_ms is None else f"{retry_after_ms} ms left"
         super().__init__(f"circuit {where} is {state} ({left})")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with its fields (Celery ships task errors between processes).
+        return (type(self), (self.connection, self.scope, self.state, self.retry_after_ms))
+
     @property
     def retry_after(self) -> float | None:
         """Seconds until a call may be tried again (None: open until closed by hand)."""

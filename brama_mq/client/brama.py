@@ -7,9 +7,9 @@ in the caller's stack with the bad value named, not later in a dead-letter queue
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from brama_mq.core.events import OPEN
 from brama_mq.core.policy import DEFAULT_POLICY, check_metadata
@@ -26,7 +26,11 @@ from brama_mq.settings import Settings
 from brama_mq.transport import Topology, Transport, open_transport
 from brama_mq.transport.base import ClientLink
 
+if TYPE_CHECKING:
+    from brama_mq.client.guard import Guard, GuardedCall, GuardRuntime
+
 _UNSET: Any = object()
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(slots=True)
@@ -67,6 +71,8 @@ class Brama:
         self._link: ClientLink | None = None
         self._lock = threading.Lock()
         self.local_view: Any = None  # set by brama_mq.celery / LocalView.attach
+        self._guard_runtime: GuardRuntime | None = None  # see brama_mq.client.guard
+        self._guards: dict[tuple[Any, ...], Guard] = {}
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -100,12 +106,19 @@ class Brama:
             raise CommandRejectedError(status, reply.error or status)
         return Applied(status, [Event.model_validate(e) for e in reply.events])
 
-    def _query(self, op: str, connection: str | None, scope: str | None, **options: Any) -> Any:
+    def _query(
+        self,
+        op: str,
+        connection: str | None,
+        scope: str | None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Any:
         command = make_command(op, connection, scope, options=options, now_ms=wall_clock_ms())
         key = self._route(scope, connection)
-        reply: Reply = decode_reply(
-            self.link.request(encode_command(command), self.request_timeout, key)
-        )
+        wait = self.request_timeout if timeout is None else timeout
+        reply: Reply = decode_reply(self.link.request(encode_command(command), wait, key))
         if not reply.ok:
             status = reply.result.get("status") if isinstance(reply.result, Mapping) else None
             if status == "not_registered":
@@ -242,24 +255,30 @@ class Brama:
         result: dict[str, Any] = self._query("status", connection, scope)
         return result
 
-    def snapshot(self, scope: str | None = None) -> list[dict[str, Any]]:
-        """Status of every connection (or one scope's), gathered across shards."""
+    def snapshot(
+        self, scope: str | None = None, *, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Status of every connection (or one scope's), gathered across shards.
+
+        ``timeout``: seconds to wait for each shard's answer (default ``request_timeout``).
+        """
         shards = self.transport.topology.shards
+        wait = self.request_timeout if timeout is None else timeout
         out: list[dict[str, Any]] = []
         for k in range(shards):
             command = make_command("snapshot", None, scope, now_ms=wall_clock_ms())
             key = "owner" if shards <= 1 else f"owner.{k}"
-            reply = decode_reply(
-                self.link.request(encode_command(command), self.request_timeout, key)
-            )
+            reply = decode_reply(self.link.request(encode_command(command), wait, key))
             if not reply.ok:
                 raise CommandRejectedError("invalid", reply.error or "snapshot refused")
             out.extend(reply.result["connections"])
         return out
 
-    def acquire_probe(self, connection: str, *, scope: str | None = None) -> dict[str, Any]:
+    def acquire_probe(
+        self, connection: str, *, scope: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Ask for one of the half-open trial calls (granted at once when closed)."""
-        result: dict[str, Any] = self._query("acquire_probe", connection, scope)
+        result: dict[str, Any] = self._query("acquire_probe", connection, scope, timeout=timeout)
         return result
 
     def release_probe(self, connection: str, lease: str, *, scope: str | None = None) -> bool:
@@ -274,8 +293,60 @@ class Brama:
                 return bool(state != OPEN)
         return bool(self.status(connection, scope=scope)["state"] != OPEN)
 
+    # ------------------------------------------------------------------ guards
+    def _guard_for(
+        self, connection: str, scope: str | None, record: Any, ignore: Any
+    ) -> Guard:
+        cache_key: tuple[Any, ...] = (connection, scope, record, ignore)
+        try:
+            guard = self._guards.get(cache_key)
+        except TypeError:  # unhashable record/ignore (a list): build without caching
+            cache_key, guard = (), None
+        if guard is None:
+            from brama_mq.client.guard import Guard
+
+            guard = Guard(self, connection, scope, record=record, ignore=ignore)
+            if cache_key:
+                self._guards[cache_key] = guard
+        return guard
+
+    def guard(
+        self,
+        connection: str,
+        *,
+        scope: str | None = None,
+        record: Any = (Exception,),
+        ignore: Any = (),
+    ) -> GuardedCall:
+        """Guard a block: ``with client.guard("payment_api", scope="payments"):``.
+
+        Before the block: closed -> run; open -> CircuitOpenError (with the time left);
+        half-open -> run only with a probe permit from the owner. After it: the outcome
+        is reported in the background (``record``: exceptions that are failures;
+        ``ignore``: exceptions that report nothing; others count as success). The first
+        guard in a process starts its local view (see :mod:`brama_mq.client.guard`).
+        Works as ``async with`` too.
+        """
+        return self._guard_for(connection, scope, record, ignore).call()
+
+    def guarded(
+        self,
+        connection: str,
+        *,
+        scope: str | None = None,
+        record: Any = (Exception,),
+        ignore: Any = (),
+    ) -> Callable[[F], F]:
+        """Decorator form of :meth:`guard` for plain and ``async`` functions."""
+        return self._guard_for(connection, scope, record, ignore).decorate
+
     # ------------------------------------------------------------------ lifecycle
     def disconnect(self) -> None:
+        runtime, self._guard_runtime = self._guard_runtime, None
+        if runtime is not None:
+            runtime.close()
+            if self.local_view is runtime.view:
+                self.local_view = None
         link, self._link = self._link, None
         if link is not None:
             link.close()

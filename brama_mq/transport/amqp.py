@@ -969,6 +969,62 @@ class AmqpClientLink(_AmqpLink):
                 f"({self._t.masked_url})"
             )
 
+    def send_many(self, messages: Sequence[tuple[bytes, str]]) -> None:
+        """Publish persistent commands ``(body, routing_key)`` pipelined, in order, and
+        return once the broker confirmed every one (one wait for the whole batch).
+
+        Errors as :meth:`send`. After an error some of them may have been confirmed
+        already: a caller that sends the batch again delivers those twice (at least once).
+        """
+        if not messages:
+            return
+        exchange = self._t.topology.commands_exchange
+        deadline = time.monotonic() + self._t.confirm_timeout
+        batch: list[tuple[_Pending, str, str, Any]] = []
+        with self._lock:
+            for body, routing_key in messages:
+                mid = uuid.uuid4().hex
+                msg = Message(body, delivery_mode=2, content_type=JSON, message_id=mid)
+                pending = self._tracker.new(exchange, routing_key, msg)
+                self._by_id[mid] = pending
+                batch.append((pending, mid, routing_key, msg))
+            self._stats["sent"] += len(batch)
+        sent = 0
+        settled = 0
+
+        def step() -> None:
+            nonlocal sent
+            while sent < len(batch):
+                pending, _, routing_key, msg = batch[sent]
+                self._tracker.register(pending)  # first: a failed publish is republished
+                sent += 1
+                self._confirm.basic_publish(msg, exchange, routing_key, mandatory=True)
+            self._republish_nacked()
+
+        def done() -> bool:
+            nonlocal settled
+            while settled < len(batch) and batch[settled][0].done:
+                settled += 1
+            return settled == len(batch)
+
+        try:
+            self._wait(deadline, done, step)
+        finally:
+            with self._lock:
+                for pending, mid, _, _ in batch:
+                    self._forget_pending(pending, mid)
+        returned = [key for pending, _, key, _ in batch if pending.returned]
+        if returned:
+            raise TransportError(
+                f"{len(returned)} commands unroutable: nothing bound to {returned[0]!r} "
+                f"on {exchange!r}"
+            )
+        if not done():
+            raise ConfirmError(
+                f"{len(batch) - settled} of {len(batch)} commands not confirmed within "
+                f"{self._t.confirm_timeout} s ({self._t.masked_url})"
+            )
+
     def _republish_nacked(self) -> None:
         for pending in self._tracker.take_nacked():
             self._tracker.register(pending)

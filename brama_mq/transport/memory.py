@@ -479,6 +479,11 @@ class MemoryClientLink:
                 f"command unroutable: nothing bound to {routing_key!r} on {exchange!r}"
             )
 
+    def send_many(self, messages: Sequence[tuple[bytes, str]]) -> None:
+        """Route persistent commands ``(body, routing_key)`` in order (see :meth:`send`)."""
+        for body, routing_key in messages:
+            self.send(body, routing_key)
+
     def request(self, body: bytes, timeout: float, routing_key: str = "owner") -> bytes:
         """RPC through the in-memory direct reply-to."""
         if self._closed:
