@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     )
     from brama_mq.protocol import Event
     from brama_mq.settings import Settings
+    from brama_mq.subscribe import Subscription, subscribe, subscribe_async, unsubscribe
 
 __version__ = "0.1.0"
 
@@ -84,6 +85,10 @@ _EXPORTS: dict[str, str] = {
     "TransportError": "brama_mq.errors",
     "Event": "brama_mq.protocol",
     "Settings": "brama_mq.settings",
+    "Subscription": "brama_mq.subscribe",
+    "subscribe": "brama_mq.subscribe",
+    "subscribe_async": "brama_mq.subscribe",
+    "unsubscribe": "brama_mq.subscribe",
 }
 
 __all__ = [
@@ -110,6 +115,7 @@ __all__ = [
     "ProtocolError",
     "RequestTimeoutError",
     "Settings",
+    "Subscription",
     "TransportError",
     "__version__",
     "available",
@@ -122,8 +128,11 @@ __all__ = [
     "reset_circuit",
     "set_default_client",
     "status",
+    "subscribe",
+    "subscribe_async",
     "success",
     "unregister",
+    "unsubscribe",
 ]
 
 

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import random
 import select
+import socket
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 
 from amqp import spec
 from amqp.basic_message import Message
+from amqp.exceptions import MessageNacked
 from kombu.connection import Connection as _KombuConnection
 
 from brama_mq.errors import (
@@ -51,7 +53,12 @@ from brama_mq.transport.errors import (
     map_error,
     mask_url,
 )
-from brama_mq.transport.topology import Topology, declare_topology, delete_topology
+from brama_mq.transport.topology import (
+    Topology,
+    declare_topology,
+    delete_topology,
+    event_queue_arguments,
+)
 
 __all__ = [
     "AmqpClientLink",
@@ -63,6 +70,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _L = TypeVar("_L", bound="_AmqpLink")
+_T = TypeVar("_T")
 #: kombu's Connection is only partly typed; it is used through ``Any`` like py-amqp's.
 KombuConnection: Any = _KombuConnection
 
@@ -658,7 +666,12 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
 
 
 class AmqpEventSource(_ConsumerMixin, _AmqpLink):
-    """A subscriber queue on the events exchange; bindings survive reconnects."""
+    """A subscriber queue on the events exchange; bindings survive reconnects.
+
+    :meth:`get` waits on the socket *and* on a wake-up socket pair, so another thread can
+    end the wait (:meth:`wake`) when it needs the owning thread to ack or rebind now,
+    instead of waiting for the next message or the end of a poll interval.
+    """
 
     role = "event source"
 
@@ -670,20 +683,41 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         durable: bool,
         max_length: int | None,
         prefetch: int,
+        quorum: bool = False,
+        dead_letter_queue: str | None = None,
+        delivery_limit: int | None = None,
     ) -> None:
         if max_length is not None and max_length < 0:
             raise ValueError("max_length must be >= 0")
+        if quorum and (not queue or not durable):
+            raise ValueError("a quorum queue must be named and durable")
         self._wanted = queue or ""
         self._durable = durable
         self._max_length = max_length
+        self._quorum = quorum
+        self._dead_queue = dead_letter_queue
+        self._delivery_limit = delivery_limit
         self._prefetch = prefetch
         self._keys: list[str] = []
         self._name = ""
         self._buffer = deque()
         self._cancelled = False
         self._channel: Any = None
+        self._confirm: Any = None
+        self._returned = False
         self._stale_acks = 0
-        super().__init__(transport)
+        self._counts = {"delivered": 0, "dead_lettered": 0}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        try:
+            super().__init__(transport)
+        except BaseException:
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
 
     @property
     def queue(self) -> str:
@@ -691,15 +725,19 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         return self._name
 
     def _arguments(self) -> dict[str, Any]:
-        args: dict[str, Any] = {}
-        if self._max_length is not None:
-            args["x-max-length"] = self._max_length
-            args["x-overflow"] = "drop-head"
-        return args
+        return event_queue_arguments(
+            max_length=self._max_length,
+            quorum=self._quorum,
+            dead_letter_queue=self._dead_queue,
+            delivery_limit=self._delivery_limit,
+        )
 
     def _setup(self, conn: Any) -> None:
         ch = conn.channel()
         self._t._declare_on(ch)
+        if self._dead_queue is not None:
+            ch.queue_declare(self._dead_queue, durable=True, auto_delete=False)
+            self._t._note("queue", self._dead_queue)
         if self._wanted:
             ok = ch.queue_declare(
                 self._wanted,
@@ -720,31 +758,99 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         self._cancelled = False
         ch.basic_consume(self._name, callback=self._on_delivery, on_cancel=self._on_cancel)
         self._channel = ch
+        if self._dead_queue is not None:
+            # Dead letters are rare: a confirm channel that waits for each one is enough.
+            confirm = conn.channel()
+            confirm.events["basic_return"].add(self._on_return)
+            self._confirm = confirm
 
     def _on_lost(self) -> None:
         self._buffer.clear()
-        self._channel = None
+        self._channel = self._confirm = None
+
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        self._returned = True
+
+    def _retrying(self, what: str, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` on the current channel, reconnecting (and retrying) when it is lost."""
+        while True:
+            self._ensure()
+            try:
+                return fn()
+            except BramaError:
+                raise
+            except RECOVERABLE_ERRORS as exc:
+                if is_fatal(exc):
+                    raise self._error(exc, what) from exc
+                self._recover(exc)
 
     def bind(self, keys: Sequence[str]) -> None:
         """Bind the queue with each key (kept, and bound again after a reconnect)."""
         for key in keys:
             if key not in self._keys:
                 self._keys.append(key)
-        while True:
-            self._ensure()
-            try:
-                for key in keys:
-                    self._channel.queue_bind(self._name, self._t.topology.events_exchange, key)
+        exchange = self._t.topology.events_exchange
+
+        def run() -> None:
+            for key in keys:
+                self._channel.queue_bind(self._name, exchange, key)
+
+        self._retrying("bind", run)
+
+    def unbind(self, keys: Sequence[str]) -> None:
+        """Remove those bindings (also from what a reconnect binds again)."""
+        gone = set(keys)
+        self._keys = [k for k in self._keys if k not in gone]
+        exchange = self._t.topology.events_exchange
+
+        def run() -> None:
+            for key in keys:
+                self._channel.queue_unbind(self._name, exchange, key)
+
+        self._retrying("unbind", run)
+
+    def wake(self) -> None:
+        """End a get() waiting in another thread (thread-safe; at most one byte in flight)."""
+        with self._wake_lock:
+            if self._wake_pending:
                 return
-            except BramaError:
-                raise
-            except RECOVERABLE_ERRORS as exc:
-                if is_fatal(exc):
-                    raise self._error(exc, "bind") from exc
-                self._recover(exc)  # binds every key again
+            self._wake_pending = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _clear_wake(self) -> None:
+        # Read first, then reset the flag: a wake() in between finds it still set and
+        # sends nothing, which is fine because this get() is returning anyway.
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(64):
+                pass
+        with self._wake_lock:
+            self._wake_pending = False
+
+    def _wait(self, deadline: float, done: Callable[[], bool]) -> None:
+        """Process frames until ``done()``, the deadline, or a wake()."""
+        conn = self._conn
+        wake = self._wake_r
+        while True:
+            self._drain_nowait(done)  # frames already received
+            if done():
+                return
+            self._tick()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                ready, _, _ = select.select(
+                    [conn.sock, wake], [], [], min(remaining, self._max_wait)
+                )
+            except (OSError, ValueError, TypeError) as exc:  # socket closed under us
+                raise BrokerUnavailableError(f"event source socket failed: {exc}") from exc
+            if wake in ready:
+                self._clear_wake()
+                return
 
     def get(self, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` s for an event, then return every buffered one."""
+        """Wait up to ``timeout`` s (or until wake()) for events; return every buffered one."""
         deadline = time.monotonic() + max(0.0, timeout)
         buffer = self._buffer
         while True:
@@ -753,7 +859,7 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
                 if self._cancelled:
                     raise BrokerUnavailableError("consumer cancelled by the broker")
                 if not buffer:
-                    self._drain_until(deadline, lambda: bool(buffer) or self._cancelled)
+                    self._wait(deadline, lambda: bool(buffer) or self._cancelled)
                 if buffer:
                     self._drain_nowait(lambda: len(buffer) >= self._prefetch)
                 break
@@ -768,6 +874,7 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         epoch = self._epoch
         out = [_to_delivery(m, epoch) for m in buffer]
         buffer.clear()
+        self._counts["delivered"] += len(out)
         return out
 
     def ack(self, delivery_tag: int, multiple: bool = True) -> None:
@@ -783,9 +890,60 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
                 raise
             self._recover(exc)
 
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Copy ``delivery`` to the dead-letter queue with ``x-brama-error``, confirmed.
+
+        Sent through the default exchange straight to the queue, ``mandatory`` so a
+        deleted dead-letter queue is an error rather than silent loss. The caller acks.
+        """
+        dead = self._dead_queue
+        if dead is None:
+            raise TransportError(f"{self.role}: queue {self._name!r} has no dead-letter queue")
+        headers = dict(delivery.headers)
+        headers["x-brama-error"] = reason
+        headers["x-brama-original-routing-key"] = delivery.routing_key
+        headers["x-brama-original-queue"] = self._name
+        props = {k: v for k, v in delivery.properties.items() if k not in _NOT_COPIED}
+        if delivery.content_type is not None:
+            props["content_type"] = delivery.content_type
+        msg = Message(delivery.body, delivery_mode=2, application_headers=headers, **props)
+
+        def run() -> None:
+            self._returned = False
+            try:
+                self._confirm.basic_publish_confirm(
+                    msg, "", dead, mandatory=True, confirm_timeout=self._t.confirm_timeout
+                )
+            except MessageNacked as exc:
+                raise ConfirmError(f"{self.role}: the broker refused the dead letter") from exc
+            if self._returned:
+                raise TransportError(f"{self.role}: dead-letter queue {dead!r} does not exist")
+
+        self._retrying("dead-letter", run)
+        self._counts["dead_lettered"] += 1
+
+    def depth(self) -> int:
+        """Messages ready in the queue (a passive declare: one round trip)."""
+        return self._retrying(
+            "depth",
+            lambda: int(self._channel.queue_declare(self._name, passive=True).message_count),
+        )
+
     def stats(self) -> dict[str, int]:
-        """Reconnects and ignored (stale) acks."""
-        return {"reconnects": self._counters["reconnects"], "stale_acks": self._stale_acks}
+        """Delivered, dead-lettered, reconnects and ignored (stale) acks. No ``dropped``:
+        RabbitMQ does not count what ``x-max-length`` removes."""
+        return {
+            "reconnects": self._counters["reconnects"],
+            "stale_acks": self._stale_acks,
+            **self._counts,
+        }
+
+    def close(self) -> None:
+        """Close the connection (an exclusive queue goes with it) and the wake-up pair."""
+        super().close()
+        for sock in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 class _RpcSlot:
@@ -1223,13 +1381,27 @@ class AmqpTransport:
         durable: bool = False,
         max_length: int | None = None,
         prefetch: int = 1000,
+        quorum: bool = False,
+        dead_letter_queue: str | None = None,
+        delivery_limit: int | None = None,
     ) -> AmqpEventSource:
         """A subscriber queue bound to the events exchange (see EventSource)."""
         return self._track(
             AmqpEventSource(
-                self, queue=queue, durable=durable, max_length=max_length, prefetch=prefetch
+                self, queue=queue, durable=durable, max_length=max_length, prefetch=prefetch,
+                quorum=quorum, dead_letter_queue=dead_letter_queue,
+                delivery_limit=delivery_limit,
             )
         )
+
+    def delete_queues(self, names: Sequence[str]) -> None:
+        """Delete queues by name (absent ones are fine): named subscriptions' clean-up."""
+
+        def run(ch: Any) -> None:
+            for name in names:
+                ch.queue_delete(name)
+
+        self._admin("delete queues", run)
 
     def close(self) -> None:
         """Close every link made by this transport."""

@@ -147,7 +147,10 @@ class ClientLink(Protocol):
 
 @runtime_checkable
 class EventSource(Protocol):
-    """Subscriber side: a queue bound to the events exchange."""
+    """Subscriber side: a queue bound to the events exchange.
+
+    Used from one thread, except :meth:`wake`, which any thread may call.
+    """
 
     @property
     def queue(self) -> str:
@@ -158,12 +161,39 @@ class EventSource(Protocol):
         """Bind the queue to the events exchange with each binding key."""
         ...
 
+    def unbind(self, keys: Sequence[str]) -> None:
+        """Remove those bindings (absent ones are fine); the others stay."""
+        ...
+
     def get(self, timeout: float) -> list[Delivery]:
-        """Like :meth:`OwnerLink.fetch`: wait for one, return all that are buffered."""
+        """Like :meth:`OwnerLink.fetch`: wait for one, return all that are buffered.
+
+        Returns early (possibly ``[]``) when another thread calls :meth:`wake`.
+        """
+        ...
+
+    def wake(self) -> None:
+        """Make a :meth:`get` blocked in another thread return now (thread-safe), so the
+        thread that owns the source can ack, bind or unbind without waiting for a message."""
         ...
 
     def ack(self, delivery_tag: int, multiple: bool = True) -> None:
         """Acknowledge deliveries (stale tags after a reconnect are ignored)."""
+        ...
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Copy ``delivery`` to the source's dead-letter queue with header ``x-brama-error``
+        (persistent, confirmed); the caller acks the original afterwards.
+        TransportError when the source has no dead-letter queue."""
+        ...
+
+    def depth(self) -> int:
+        """Messages ready in the queue (not counting delivered, unacked ones)."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``delivered``, ``dead_lettered``, ``reconnects``, ``stale_acks``; plus
+        ``dropped`` (removed by the length limit) where the broker can tell."""
         ...
 
     def close(self) -> None:
@@ -200,9 +230,20 @@ class Transport(Protocol):
         durable: bool = False,
         max_length: int | None = None,
         prefetch: int = 1000,
+        quorum: bool = False,
+        dead_letter_queue: str | None = None,
+        delivery_limit: int | None = None,
     ) -> EventSource:
         """A queue on the events exchange: server-named and exclusive when ``queue`` is
-        None; ``max_length`` drops the oldest messages beyond it."""
+        None; ``max_length`` drops the oldest messages beyond it. ``quorum`` (durable
+        only) makes a quorum queue; ``dead_letter_queue`` (a durable queue, declared too)
+        receives what the broker rejects and what :meth:`EventSource.dead_letter` sends;
+        ``delivery_limit`` (quorum only) dead-letters a message after that many deliveries.
+        See :func:`~brama_mq.transport.topology.event_queue_arguments`."""
+        ...
+
+    def delete_queues(self, names: Sequence[str]) -> None:
+        """Delete queues by name (absent ones are fine): named subscriptions' clean-up."""
         ...
 
     def close(self) -> None:

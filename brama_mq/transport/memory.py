@@ -22,7 +22,7 @@ from typing import Any
 from brama_mq.core.matcher import TopicMatcher
 from brama_mq.errors import RequestTimeoutError, TransportError
 from brama_mq.transport.base import JSON, Delivery, Outgoing, decode_tag, encode_tag
-from brama_mq.transport.topology import Topology
+from brama_mq.transport.topology import Topology, event_queue_arguments
 
 __all__ = [
     "MemoryBroker",
@@ -70,6 +70,14 @@ class _Exchange:
         else:
             self.fanout.add(queue)
 
+    def unbind(self, queue: str, key: str) -> None:
+        if self.kind == "direct":
+            self.direct.get(key, set()).discard(queue)
+        elif self.kind == "topic":
+            self.topic.remove(key, queue)
+        else:
+            self.fanout.discard(queue)
+
     def unbind_queue(self, queue: str) -> None:
         for queues in self.direct.values():
             queues.discard(queue)
@@ -88,6 +96,7 @@ class _Queue:
     __slots__ = (
         "consumers",
         "dead_letter_exchange",
+        "dead_letter_routing_key",
         "delivery_limit",
         "dropped",
         "durable",
@@ -107,6 +116,7 @@ class _Queue:
         max_length: int | None = None,
         single_active: bool = False,
         dead_letter_exchange: str | None = None,
+        dead_letter_routing_key: str | None = None,
         delivery_limit: int | None = None,
     ) -> None:
         self.name = name
@@ -115,6 +125,7 @@ class _Queue:
         self.max_length = max_length
         self.single_active = single_active
         self.dead_letter_exchange = dead_letter_exchange
+        self.dead_letter_routing_key = dead_letter_routing_key
         self.delivery_limit = delivery_limit
         self.messages: deque[_Message] = deque()
         self.dropped = 0
@@ -163,6 +174,12 @@ class MemoryBroker:
             if ex is None or queue not in self.queues:
                 raise TransportError(f"cannot bind {queue!r} to {exchange!r}: NOT_FOUND")
             ex.bind(queue, key)
+
+    def unbind(self, queue: str, exchange: str, key: str) -> None:
+        with self.lock:
+            ex = self.exchanges.get(exchange)
+            if ex is not None:
+                ex.unbind(queue, key)
 
     def delete_queue(self, name: str) -> None:
         with self.lock:
@@ -219,14 +236,15 @@ class MemoryBroker:
             m.redelivered = True
             m.delivery_count += 1
             if q.delivery_limit is not None and m.delivery_count > q.delivery_limit:
-                if q.dead_letter_exchange:
+                if q.dead_letter_exchange is not None:  # "" is the default exchange
                     props = dict(m.properties)
                     headers = dict(props.get("headers") or {})
                     headers.setdefault("x-first-death-reason", "delivery_limit")
                     headers.setdefault("x-first-death-queue", q.name)
                     props["headers"] = headers
+                    key = q.dead_letter_routing_key or m.routing_key
                     self.publish(
-                        q.dead_letter_exchange, m.routing_key,
+                        q.dead_letter_exchange, key,
                         _Message(m.exchange, m.routing_key, m.body, props),
                     )
                 continue
@@ -284,6 +302,7 @@ class _MemoryConsumer:
         self._tags = itertools.count(1)
         self._unacked: OrderedDict[int, _Message] = OrderedDict()
         self._closed = False
+        self._woken = False
         self._stale_acks = 0
         with broker.lock:
             queue.consumers.append(self)
@@ -302,6 +321,9 @@ class _MemoryConsumer:
                 room = self._prefetch - len(self._unacked)
                 if room > 0 and self._queue.messages and self._active():
                     break
+                if self._woken:
+                    self._woken = False
+                    return []
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
@@ -538,16 +560,36 @@ class MemoryEventSource(_MemoryConsumer):
         durable: bool,
         max_length: int | None,
         prefetch: int,
+        quorum: bool = False,
+        dead_letter_queue: str | None = None,
+        delivery_limit: int | None = None,
     ) -> None:
         if max_length is not None and max_length < 0:
             raise ValueError("max_length must be >= 0")
+        if quorum and (queue is None or not durable):
+            raise ValueError("a quorum queue must be named and durable")
         self._t = transport
         transport.declare()
         name = queue or f"amq.gen-{uuid.uuid4().hex}"
         self._name = name
         self._durable = durable
+        self._dead_queue = dead_letter_queue
+        self._counts = {"delivered": 0, "dead_lettered": 0}
+        # Same arguments as on RabbitMQ, read back the way the broker would apply them.
+        args = event_queue_arguments(
+            max_length=max_length, quorum=quorum, dead_letter_queue=dead_letter_queue,
+            delivery_limit=delivery_limit,
+        )
+        if dead_letter_queue is not None:
+            transport.broker.declare_queue(dead_letter_queue, durable=True)
         q = transport.broker.declare_queue(
-            name, durable=durable, exclusive=queue is None, max_length=max_length
+            name,
+            durable=durable,
+            exclusive=queue is None,
+            max_length=max_length,
+            dead_letter_exchange=args.get("x-dead-letter-exchange"),
+            dead_letter_routing_key=args.get("x-dead-letter-routing-key"),
+            delivery_limit=args.get("x-delivery-limit"),
         )
         super().__init__(transport.broker, q, prefetch)
 
@@ -561,18 +603,52 @@ class MemoryEventSource(_MemoryConsumer):
         for key in keys:
             self._broker.bind(self._name, self._t.topology.events_exchange, key)
 
+    def unbind(self, keys: Sequence[str]) -> None:
+        """Remove those bindings; absent ones are fine."""
+        for key in keys:
+            self._broker.unbind(self._name, self._t.topology.events_exchange, key)
+
     def get(self, timeout: float) -> list[Delivery]:
         """Wait up to ``timeout`` s for an event, then return every ready one."""
-        return self._take(self._prefetch, timeout)
+        out = self._take(self._prefetch, timeout)
+        self._counts["delivered"] += len(out)
+        return out
+
+    def wake(self) -> None:
+        """End a get() waiting in another thread."""
+        with self._broker.cond:
+            self._woken = True
+            self._broker.cond.notify_all()
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Copy the delivery to the dead-letter queue with ``x-brama-error``."""
+        if self._dead_queue is None:
+            raise TransportError(f"queue {self._name!r} has no dead-letter queue")
+        headers = dict(delivery.headers)
+        headers["x-brama-error"] = reason
+        headers["x-brama-original-routing-key"] = delivery.routing_key
+        headers["x-brama-original-queue"] = self._name
+        props = {k: v for k, v in delivery.properties.items() if k != "expiration"}
+        props.update(content_type=delivery.content_type, headers=headers, delivery_mode=2)
+        message = _Message("", self._dead_queue, delivery.body, props)
+        if not self._broker.publish("", self._dead_queue, message):
+            raise TransportError(f"dead-letter queue {self._dead_queue!r} is gone")
+        self._counts["dead_lettered"] += 1
+
+    def depth(self) -> int:
+        """Messages ready in the queue."""
+        with self._broker.lock:
+            return len(self._queue.messages)
 
     def stats(self) -> dict[str, int]:
-        """``dropped`` (drop-head), ``messages`` ready, ``stale_acks``."""
+        """``dropped`` (drop-head), ``messages`` ready, ``delivered``, ``stale_acks``."""
         with self._broker.lock:
             return {
                 "dropped": self._queue.dropped,
                 "messages": len(self._queue.messages),
                 "stale_acks": self._stale_acks,
                 "reconnects": 0,
+                **self._counts,
             }
 
     def close(self) -> None:
@@ -645,14 +721,24 @@ class MemoryTransport:
         durable: bool = False,
         max_length: int | None = None,
         prefetch: int = 1000,
+        quorum: bool = False,
+        dead_letter_queue: str | None = None,
+        delivery_limit: int | None = None,
     ) -> MemoryEventSource:
         """A queue bound to the events exchange (see EventSource)."""
         link: MemoryEventSource = self._track(
             MemoryEventSource(
-                self, queue=queue, durable=durable, max_length=max_length, prefetch=prefetch
+                self, queue=queue, durable=durable, max_length=max_length, prefetch=prefetch,
+                quorum=quorum, dead_letter_queue=dead_letter_queue,
+                delivery_limit=delivery_limit,
             )
         )
         return link
+
+    def delete_queues(self, names: Sequence[str]) -> None:
+        """Delete queues by name (absent ones are fine)."""
+        for name in names:
+            self.broker.delete_queue(name)
 
     def close(self) -> None:
         """Close every link made by this transport."""

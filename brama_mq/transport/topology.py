@@ -18,6 +18,7 @@ __all__ = [
     "Topology",
     "declare_topology",
     "delete_topology",
+    "event_queue_arguments",
 ]
 
 DEFAULT_PREFIX = "brama"
@@ -100,6 +101,16 @@ class Topology:
             "x-delivery-limit": self.delivery_limit,
         }
 
+    def subscription_queue(self, name: str) -> str:
+        """The durable queue of the named subscription ``name``: ``{p}.sub.<name>``."""
+        _check_subscription_name(self.prefix, name)
+        return f"{self.prefix}.sub.{name}"
+
+    def subscription_dead_queue(self, name: str) -> str:
+        """Where the named subscription's failed events go: ``{p}.sub.<name>.dead``."""
+        _check_subscription_name(self.prefix, name)
+        return f"{self.prefix}.sub.{name}.dead"
+
     def exchanges(self) -> list[tuple[str, str]]:
         """Every ``(exchange, type)`` pair."""
         return [
@@ -111,6 +122,48 @@ class Topology:
     def queue_names(self) -> list[str]:
         """Every queue name the topology declares."""
         return [q for q, _ in self.owner_queues()] + [self.dead_queue]
+
+
+def _check_subscription_name(prefix: str, name: object) -> None:
+    """Refuse names that cannot be part of a queue name (255 bytes, printable, no spaces)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"subscription name must be a non-empty str, not {name!r}")
+    if not name.isprintable() or any(c.isspace() for c in name):
+        raise ValueError(f"subscription name {name!r} must be printable, without spaces")
+    longest = f"{prefix}.sub.{name}.dead"
+    if len(longest.encode()) > 255:
+        raise ValueError(
+            f"subscription name {name!r} is too long: queue {longest!r} would exceed 255 bytes"
+        )
+
+
+def event_queue_arguments(
+    *,
+    max_length: int | None = None,
+    quorum: bool = False,
+    dead_letter_queue: str | None = None,
+    delivery_limit: int | None = None,
+) -> dict[str, Any]:
+    """Arguments of a subscriber queue on the events exchange.
+
+    ``max_length`` drops the *oldest* messages beyond it (``x-overflow: drop-head``), so a
+    stalled subscriber costs the broker a bounded amount of memory. ``dead_letter_queue``
+    routes rejected messages through the default exchange straight to that queue (no extra
+    exchange to declare or delete). ``delivery_limit`` (quorum queues only: classic queues
+    do not count deliveries) dead-letters a message that keeps killing its consumers.
+    """
+    args: dict[str, Any] = {}
+    if quorum:
+        args["x-queue-type"] = "quorum"
+    if max_length is not None:
+        args["x-max-length"] = max_length
+        args["x-overflow"] = "drop-head"
+    if dead_letter_queue is not None:
+        args["x-dead-letter-exchange"] = ""
+        args["x-dead-letter-routing-key"] = dead_letter_queue
+    if quorum and delivery_limit is not None:
+        args["x-delivery-limit"] = delivery_limit
+    return args
 
 
 class AmqpChannelLike(Protocol):
