@@ -146,10 +146,17 @@ def shutdown_runtimes(timeout: float = 5.0) -> None:
         _RUNTIMES.clear()
     for _app, runtime, owns in items:
         try:
+            pending = runtime.outbox.pending()
             runtime.close(timeout)
             if owns:
                 runtime.client.disconnect()
                 runtime.client.transport.close()
+            log.info(
+                "brama guard stopped in pid %d (%d reports flushed, %d dropped in all)",
+                os.getpid(),
+                pending - runtime.outbox.pending(),
+                runtime.outbox.counters["dropped"],
+            )
         except Exception:
             log.exception("brama guard: shutting down failed")
 
