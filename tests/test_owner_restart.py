@@ -54,16 +54,17 @@ class Setup:
                  queue=self.tap_queue, durable=True).conn.release()
         self.client = Brama(transport=self.transport, request_timeout=20)
         self.tmp_path = tmp_path
-        self.worker: WorkerProcess | None = None
+        self.workers: list[WorkerProcess] = []
 
     def start_worker(self, **settings: str) -> WorkerProcess:
-        self.worker = WorkerProcess(
-            self.tmp_path / "worker.log",
+        worker = WorkerProcess(
+            self.tmp_path / f"worker{len(self.workers)}.log",
             {"BRAMA_BROKER_URL": self.node.url, "BRAMA_PREFIX": self.topology.prefix,
              **settings},
         )
-        self.worker.wait_ready()
-        return self.worker
+        self.workers.append(worker)
+        worker.wait_ready()
+        return worker
 
     def depth(self) -> int:
         probe = brokers.WireProbe(self.node.url, self.tap_queue, declare=False)
@@ -92,8 +93,8 @@ class Setup:
 
     def close(self) -> None:
         try:
-            if self.worker is not None:
-                self.worker.close()
+            for worker in self.workers:
+                worker.close()
         finally:
             self.client.disconnect()
             self.transport.close()
@@ -160,9 +161,11 @@ def _covers(names: list[str]) -> Callable[[list[Seen]], bool]:
 
 def test_worker_reconnects_by_itself_across_a_node_restart(setup: Setup) -> None:
     """Node restarted mid-load: the same worker process reconnects, and every confirmed
-    failure's circuit_opened and state_change are in the durable queue."""
+    failure's circuit_opened and state_change are in the durable queue. A standby worker
+    told to stop while the node is down exits 0 at once instead of retrying for a minute."""
     worker = setup.start_worker()
     pid = worker.pid
+    standby = setup.start_worker()  # same queue: waits behind the active one
     client = setup.client
     names = [f"n{i:04d}" for i in range(1000)]
     _in_parallel([lambda n=n: client.register(n, scope="r", max_attempts=1,
@@ -190,7 +193,14 @@ def test_worker_reconnects_by_itself_across_a_node_restart(setup: Setup) -> None
         assert time.monotonic() < deadline, "the failures are not being confirmed"
         time.sleep(0.01)
     at_restart = len(confirmed)
-    setup.node.restart()
+    setup.node.stop()
+    standby.wait_for_log("cannot reach", timeout=30)  # it is retrying the connection
+    t0 = time.monotonic()
+    standby.terminate()
+    assert standby.wait(10) == 0, standby.output()
+    assert time.monotonic() - t0 < 3, "SIGTERM must not wait for the broker to come back"
+    assert "stopped while the broker is unreachable" in standby.output()
+    setup.node.start()
     sender.join(150)
     assert not problem, problem
     assert confirmed == names

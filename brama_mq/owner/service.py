@@ -25,7 +25,7 @@ from typing import Any
 from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Engine, Result
 from brama_mq.core.events import Event
 from brama_mq.core.routing import routing_key
-from brama_mq.errors import BramaError, ProtocolError, TransportError
+from brama_mq.errors import BramaError, BrokerUnavailableError, ProtocolError, TransportError
 from brama_mq.owner.queries import answer_query
 from brama_mq.protocol import QUERY_OPS, Reply, decode_command, encode_event, encode_reply
 from brama_mq.transport.base import Delivery, Outgoing, OwnerLink, Transport
@@ -88,6 +88,9 @@ class Owner:
     def stop(self, wait: float | None = None) -> None:
         """Ask the loop to end after the batch in hand; with ``wait``, block until it has."""
         self._stop.set()
+        interrupt = getattr(self._link, "interrupt", None)
+        if interrupt is not None:  # a reconnect in progress gives up instead of retrying
+            interrupt()
         if wait is not None:
             self.done.wait(wait)
 
@@ -104,6 +107,10 @@ class Owner:
         try:
             while not self._stop.is_set():
                 self.step(link)
+        except BrokerUnavailableError:
+            if not self._stop.is_set():
+                raise
+            log.warning("stopped while the broker is unreachable; unacked commands are redelivered")
         finally:
             self._link = None
             link.close()

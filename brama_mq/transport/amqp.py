@@ -295,6 +295,7 @@ class _AmqpLink:
         self._lost: BaseException | None = None
         self._counters: dict[str, int] = {"reconnects": 0}
         self._max_wait = transport.heartbeat / 4 if transport.heartbeat else 1.0
+        self._interrupted = False
         self._open(deadline=None)
 
     # -- lifecycle -------------------------------------------------------------
@@ -332,13 +333,22 @@ class _AmqpLink:
                 if is_fatal(exc):
                     raise self._error(exc, "connect and declare") from exc
                 now = time.monotonic()
-                if deadline is None or now >= deadline:
+                if deadline is None or now >= deadline or self._interrupted:
                     raise self._error(exc, "connect") from exc
                 pause = min(_backoff(attempt, self._t.max_backoff), max(0.0, deadline - now))
                 log.warning("%s cannot reach %s (%s); retrying in %.2f s", self.role,
                             self._t.masked_url, describe(exc, self._t.url), pause)
-                time.sleep(pause)
+                end = now + pause
+                while not self._interrupted and (left := end - time.monotonic()) > 0:
+                    time.sleep(min(left, 0.1))  # short naps, so interrupt() is noticed
+                if self._interrupted:
+                    raise self._error(exc, "connect") from exc
                 attempt += 1
+
+    def interrupt(self) -> None:
+        """Stop waiting for the broker: a reconnect in progress, or a later one, raises
+        BrokerUnavailableError instead of retrying. Safe to call from a signal handler."""
+        self._interrupted = True
 
     def _recover(self, exc: BaseException) -> None:
         """Replace a dead connection: reconnect with backoff, set up again, republish."""
