@@ -115,6 +115,9 @@ def worker(
     )
     if shard is not None and not 0 <= shard < settings.shards:
         _fail(f"--shard {shard} is outside 0..{settings.shards - 1}", EXIT_USAGE)
+    if shard is None and settings.shards > 1:
+        _fail(f"--shard is required with {settings.shards} shards (one worker per shard)",
+              EXIT_USAGE)
     try:
         transport = open_transport(settings.broker_url, Topology(settings.prefix, settings.shards))
         owner = Owner(

@@ -20,7 +20,7 @@ DEFAULT_PREFIX: Final = "brama"
 
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 _LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
-_PASSWORD_RE: Final = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)[^@\s]*(?=@)")
+_PASSWORD_RE: Final = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)[^/\s]*(?=@)")
 
 
 class SettingsError(BramaError, ValueError):

@@ -227,6 +227,8 @@ BAD_SETTINGS = [
     ({}, ["--shard", "1"], "--shard"),
     ({"BRAMA_SHARDS": "4"}, ["--shard", "4"], "--shard"),
     ({}, ["--shard", "-1"], "--shard"),
+    ({"BRAMA_SHARDS": "4"}, [], "--shard"),
+    ({}, ["--shards", "3"], "--shard"),
 ]
 
 
@@ -251,14 +253,18 @@ def _assert_no_secret(output: str, password: str) -> None:
         assert form not in output, f"password leaked:\n{output}"
 
 
-def test_password_never_logged_when_the_broker_is_away() -> None:
-    """Refused connection: exit 1, the error names the broker with its password masked."""
-    password = f"Sekr1t-{secrets.token_hex(8)}"
+@pytest.mark.parametrize("raw_at", [False, True], ids=["plain", "raw-at-sign"])
+def test_password_never_logged_when_the_broker_is_away(raw_at: bool) -> None:
+    """Refused connection: exit 1, the error names the broker with its password masked
+    (also when the password holds an unencoded "@", which URL parsers accept)."""
+    token = secrets.token_hex(8)
+    password = f"Sekr1t@{token}" if raw_at else f"Sekr1t-{token}"
     url = f"amqp://brama:{password}@127.0.0.1:{brokers.free_port()}//"
     done = run_cli(["worker", "--log-level", "DEBUG"], {"BRAMA_BROKER_URL": url}, timeout=60)
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     _assert_no_secret(output, password)
+    assert token not in output, output
     assert "amqp://brama:***@127.0.0.1" in output, output
     assert output.strip().splitlines()[-1].startswith("brama-mq: "), output
 
