@@ -175,12 +175,15 @@ def test_worker_reconnects_by_itself_across_a_node_restart(setup: Setup) -> None
     confirmed: list[str] = []
     retried = 0
     problem: list[BaseException] = []
+    node_down = threading.Event()
 
     def send_failures() -> None:
         nonlocal retried
         give_up = time.monotonic() + 120
         try:
-            for n in names:
+            for i, n in enumerate(names):
+                if i == 2 * len(names) // 3:
+                    node_down.wait(60)  # the last third is sent into the outage
                 retried += _retrying(lambda n=n: client.failure(n, scope="r"), give_up)
                 confirmed.append(n)
         except BaseException as exc:
@@ -194,6 +197,7 @@ def test_worker_reconnects_by_itself_across_a_node_restart(setup: Setup) -> None
         time.sleep(0.01)
     at_restart = len(confirmed)
     setup.node.stop()
+    node_down.set()
     standby.wait_for_log("cannot reach", timeout=30)  # it is retrying the connection
     t0 = time.monotonic()
     standby.terminate()
@@ -204,8 +208,9 @@ def test_worker_reconnects_by_itself_across_a_node_restart(setup: Setup) -> None
     sender.join(150)
     assert not problem, problem
     assert confirmed == names
-    assert at_restart < len(names), "the restart came after the load"
+    assert at_restart < len(names) and retried > 0, "the load went on across the outage"
 
+    worker.wait_for_log("owner link connected to", timeout=60)
     seen = setup.read_tap(_covers(confirmed), timeout=90)
     _check_openings(seen, confirmed)
     assert worker.alive() and worker.pid == pid
@@ -251,9 +256,9 @@ def _prepublish(url: str, topology: Topology, commands: list[bytes]) -> None:
 
 
 def test_no_critical_event_lost_when_connections_are_closed_mid_storm(setup: Setup) -> None:
-    """close_all_connections in the middle of a storm of 3,000 openings (the worker publishing
-    and waiting for confirms): it reconnects, and every opening's circuit_opened and
-    state_change reach the durable queue."""
+    """close_all_connections in the middle of a storm of 3,000 openings, while the worker
+    waits for confirms of events the broker has not taken: it reconnects, publishes them
+    again, and every opening's circuit_opened and state_change reach the durable queue."""
     names = [f"s{i:04d}" for i in range(3000)]
     now = int(time.time() * 1000)
     policy = {"max_attempts": 1, "expiry_ms": 600_000}
@@ -262,25 +267,32 @@ def test_no_critical_event_lost_when_connections_are_closed_mid_storm(setup: Set
                                     now_ms=now))
         for op in ("register", "failure") for n in names
     ])
+    node = setup.node
     worker = setup.start_worker(BRAMA_PREFETCH="50")
-    probe = brokers.WireProbe(setup.node.url, setup.tap_queue, declare=False)
+    probe = brokers.WireProbe(node.url, setup.tap_queue, declare=False)
     try:
         deadline = time.monotonic() + 60
         while probe.depth() < 300:  # the storm of openings is under way
             assert time.monotonic() < deadline, "the storm did not start within 60 s"
             time.sleep(0.005)
-        # Freeze the worker so the close lands mid-storm however slow rabbitmqctl is:
-        # it resumes to find its connection closed, with publishes unconfirmed in hand.
+        # A memory alarm makes the broker stop reading publishing connections: the worker's
+        # next events stay unconfirmed. The worker is frozen meanwhile, so the storm cannot
+        # end before the alarm is on, however slow rabbitmqctl is.
         os.kill(worker.pid, signal.SIGSTOP)
         try:
-            time.sleep(0.2)
-            frozen_at = probe.depth()
-            setup.node.close_connections("brama test: mid storm")
+            node.ctl("set_vm_memory_high_watermark", "0")
         finally:
             os.kill(worker.pid, signal.SIGCONT)
+        try:
+            time.sleep(0.5)
+            stuck_at = probe.depth()
+            time.sleep(0.3)
+            assert probe.depth() == stuck_at < 2 * len(names), "the worker is not blocked"
+            node.close_connections("brama test: mid storm, confirms outstanding")
+        finally:
+            node.ctl("set_vm_memory_high_watermark", "0.4")
     finally:
         probe.close()
-    assert frozen_at < 2 * len(names), "the storm was over before the close"
     seen = setup.read_tap(_covers(names), timeout=90)
     _check_openings(seen, names)
     log = worker.output()
