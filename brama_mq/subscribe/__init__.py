@@ -49,6 +49,7 @@ def _options(
     prefetch: int,
     quorum: bool,
     max_length: int,
+    queue_length: int,
     max_deliveries: int,
     retry_delay: float,
     dedup_window: int,
@@ -60,6 +61,7 @@ def _options(
         ("batch_size", batch_size, 1),
         ("prefetch", prefetch, 1),
         ("max_length", max_length, 1),
+        ("queue_length", queue_length, 1),
         ("max_deliveries", max_deliveries, 1),
         ("dedup_window", dedup_window, 0),
     ):
@@ -87,6 +89,7 @@ def _options(
         prefetch=prefetch,
         quorum=quorum,
         max_length=max_length,
+        queue_length=queue_length,
         max_deliveries=max_deliveries,
         retry_delay=float(retry_delay),
         dedup_window=dedup_window,
@@ -120,6 +123,7 @@ def subscribe(
     patterns: FilterValues = None,
     quorum: bool = False,
     max_length: int = 10_000,
+    queue_length: int = 10_000,
     max_deliveries: int = 5,
     retry_delay: float = 0.1,
     dedup_window: int = 10_000,
@@ -135,8 +139,10 @@ def subscribe(
     valid ones).
 
     Without ``name`` the subscription is *transient*: it shares this process's exclusive
-    auto-delete queue, keeps at most ``max_length`` events when its consumer stalls
-    (dropping the oldest; ``sub.dropped`` says how many) and ends with the process. With
+    auto-delete queue (holding at most ``queue_length`` events, oldest dropped, when the
+    whole process stops reading; the first transient subscription sets it), keeps at most
+    ``max_length`` events when its own consumer stalls (dropping the oldest;
+    ``sub.dropped`` says how many) and ends with the process. With
     ``name`` it is *durable*: queue ``{prefix}.sub.<name>`` (a quorum queue with
     ``quorum=True``) outlives the process, each event is acked after the handler returned,
     a handler that raises is retried up to ``max_deliveries`` times (backoff from
@@ -150,7 +156,8 @@ def subscribe(
     """
     keys = filter_keys(events, connection, scope, patterns)
     options = _options(handler, name, batch_size, batch_timeout, prefetch, quorum, max_length,
-                       max_deliveries, retry_delay, dedup_window, asynchronous=False)
+                       queue_length, max_deliveries, retry_delay, dedup_window,
+                       asynchronous=False)
     return _open(keys, options, broker_url, transport, prefix)
 
 
@@ -167,6 +174,7 @@ def subscribe_async(
     patterns: FilterValues = None,
     quorum: bool = False,
     max_length: int = 10_000,
+    queue_length: int = 10_000,
     max_deliveries: int = 5,
     retry_delay: float = 0.1,
     dedup_window: int = 10_000,
@@ -182,7 +190,8 @@ def subscribe_async(
     """
     keys = filter_keys(events, connection, scope, patterns)
     options = _options(handler, name, batch_size, batch_timeout, prefetch, quorum, max_length,
-                       max_deliveries, retry_delay, dedup_window, asynchronous=True)
+                       queue_length, max_deliveries, retry_delay, dedup_window,
+                       asynchronous=True)
     return AsyncSubscription(lambda: _open(keys, options, broker_url, transport, prefix))
 
 

@@ -13,7 +13,9 @@ Drop accounting (transient): RabbitMQ does not say what ``x-max-length`` removed
 hub watches ``seq``, which grows by one per event of a ``(scope, connection)``. A gap on
 the shared queue is a loss for every subscription bound to *every* event type of that
 connection; subscriptions filtered by event type cannot tell a loss from a filtered-out
-event, so for them the count is a lower bound. Baselines restart whenever bindings change.
+event, so for them the count is a lower bound, and so it is for losses before the first
+event seen of a connection (there is no gap without a baseline). Baselines restart
+whenever bindings change.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Hub:
             return sub
 
     def _attach_transient(self, sub: Subscription) -> None:
-        pump = self._ensure_pump(sub._options.max_length)
+        pump = self._ensure_pump(sub._options.queue_length)
         with self._lock:
             new = [k for k in sub._keys if not self._refs.get(k)]
             for key in sub._keys:
@@ -121,12 +123,19 @@ class Hub:
             self._drop_transient(sub, list(sub._keys))
             raise
 
-    def _ensure_pump(self, max_length: int) -> Pump:
-        """The shared queue's pump; a new one (rebinding every key) if it died."""
+    def _ensure_pump(self, queue_length: int) -> Pump:
+        """The shared queue's pump; a new one (rebinding every key) if it died.
+
+        ``queue_length`` (the first transient subscription's) is the queue's ``x-max-length``:
+        what the broker keeps when the whole process stops reading. Each subscription's
+        own ``max_length`` bounds its in-process buffer instead, so one subscription with a
+        small limit does not make the queue lossy for the others.
+        """
         pump = self._pump
         if pump is not None and pump.alive:
             return pump
-        source = self.transport.event_source(max_length=max_length, prefetch=TRANSIENT_PREFETCH)
+        source = self.transport.event_source(max_length=queue_length,
+                                             prefetch=TRANSIENT_PREFETCH)
         with self._lock:
             keys = list(self._refs)
         try:

@@ -75,6 +75,7 @@ class Options:
     prefetch: int = 100
     quorum: bool = False
     max_length: int = 10_000
+    queue_length: int = 10_000
     max_deliveries: int = 5
     retry_delay: float = 0.1
     dedup_window: int = 10_000
@@ -288,10 +289,11 @@ class Subscription:
     @property
     def dropped(self) -> int:
         """Events this subscription lost: pushed out of its full buffer by newer ones
-        (exact), plus gaps in ``seq`` on the shared queue (the broker's length limit, a
-        reconnect) for connections whose every event it is bound to. A transient
-        subscription filtered by event type cannot see the latter: for it this is a
-        lower bound. Named subscriptions drop nothing."""
+        (exact), plus gaps in ``seq`` on the shared queue (its ``queue_length`` limit, a
+        reconnect) for connections whose every event it is bound to. Gaps cannot show
+        losses before the first event it saw of a connection, nor for a subscription
+        filtered by event type: then this is a lower bound. Named subscriptions drop
+        nothing."""
         return self._inbox.dropped + self.queue_dropped
 
     def stats(self) -> dict[str, int]:
