@@ -4,17 +4,21 @@ Guards report ``success``/``failure`` here instead of sending inline, so a guard
 never waits for the broker and never fails because of it. One :class:`Outbox` per
 client and process:
 
-* :meth:`Outbox.put` appends to a deque and, only when the sender sleeps, wakes it: no
-  lock, no I/O, no exception on the caller's path;
-* the sender thread takes up to ``batch`` reports, encodes them and publishes them
-  pipelined (one wait for the broker's confirms per batch, through the link's
-  ``send_many`` when it has one); on a transport error the batch stays at the head and
-  is sent again after a pause (exponential, capped at 5 s), so reports are delivered
-  at least once and in order once the broker is back;
-* the outbox holds at most ``max_size`` reports waiting (plus the batch in flight);
-  when it is full a new report is dropped, counted in ``stats()["dropped"]`` and logged
-  (the first drop of a spell at WARNING, then every 1,000th).
+* :meth:`Outbox.put` appends a tuple to a deque and, only when the sender sleeps, wakes
+  it: no lock, no I/O, no exception on the caller's path;
+* the sender thread takes what is queued (up to ``batch``; after a partial batch it
+  lingers ``linger`` seconds, 10 ms by default, to collect more), merges each run of
+  lease-less successes of one connection into one ``success`` command with
+  ``options.count`` (:func:`coalesce`: the owner applies it as that many successes),
+  and publishes the batch pipelined, with one wait for the broker's confirms (through
+  the link's ``send_many`` when it has one). On a transport error the batch stays at the
+  head and is sent again after a pause (exponential, capped at 5 s): reports are
+  delivered at least once, and in order per connection, once the broker is back;
+* at most ``max_size`` reports wait (plus the batch in flight); when the outbox is full
+  a new report is dropped, counted in ``stats()["dropped"]`` and logged (at most one
+  WARNING line every 10 s).
 
+Failures and the outcomes of probe calls (which carry a lease) are never merged.
 ``release_probe`` requests (a probe permit given back because the call reported
 nothing) go through the same queue and are tried once: a lost one only means the
 permit comes back when its lease times out.
@@ -47,6 +51,10 @@ log = logging.getLogger("brama_mq.outbox")
 
 DEFAULT_OUTBOX_SIZE: Final = 10_000
 DEFAULT_BATCH: Final = 500
+#: After taking a partial batch, wait this long for more before sending: one confirm
+#: round trip then covers many reports (the reporting delay this adds is invisible to
+#: callers, who never wait for it).
+DEFAULT_LINGER_S: Final = 0.01
 RELEASE: Final = "release_probe"
 #: A failure reason longer than this is cut (the command size limit is 64 KiB).
 MAX_REASON: Final = 1000
@@ -56,7 +64,8 @@ DROP_LOG_INTERVAL: Final = 10.0
 
 class Report(NamedTuple):
     """One outcome to send: ``op`` is success, failure or release_probe; ``ts_ns`` is
-    the wall clock when it was queued (the queue holds plain tuples of these fields)."""
+    the wall clock when it was queued (the queue holds plain tuples of these fields);
+    ``times``: successes in a row this report stands for (see :func:`coalesce`)."""
 
     op: str
     connection: str
@@ -64,6 +73,30 @@ class Report(NamedTuple):
     reason: str | None
     lease: str | None
     ts_ns: int
+    times: int = 1
+
+
+def coalesce(reports: list[Report]) -> list[Report]:
+    """Merge each run of lease-less successes of one connection into one report with
+    ``count``, keeping every connection's order of outcomes (a failure, a probe's
+    outcome or a permit release ends the run). The owner applies ``count`` successes
+    exactly as that many single ones (one ``success`` event, with ``data.count``)."""
+    out: list[Report] = []
+    runs: dict[tuple[str, str | None], int] = {}
+    for r in reports:
+        key = (r.connection, r.scope)
+        if r.op == "success" and r.lease is None:
+            at = runs.get(key)
+            if at is None:
+                runs[key] = len(out)
+                out.append(r)
+            else:
+                merged = out[at]
+                out[at] = merged._replace(ts_ns=r.ts_ns, times=merged.times + r.times)
+        else:
+            runs.pop(key, None)
+            out.append(r)
+    return out
 
 
 _quote: Final = json.encoder.encode_basestring_ascii
@@ -78,12 +111,14 @@ class Outbox:
         *,
         max_size: int = DEFAULT_OUTBOX_SIZE,
         batch: int = DEFAULT_BATCH,
+        linger: float = DEFAULT_LINGER_S,
     ) -> None:
         if max_size < 1 or batch < 1:
             raise ValueError("max_size and batch must be >= 1")
         self.client = client
         self.max_size = max_size
         self.batch = batch
+        self.linger = linger
         self.pid = os.getpid()
         self._queue: deque[tuple[str, str, str | None, str | None, str | None, int]] = deque()
         self._inflight: list[Report] = []
@@ -98,6 +133,7 @@ class Outbox:
         self._heads: dict[tuple[str, str, str | None], str] = {}
         self.counters: dict[str, int] = {
             "sent": 0,
+            "reports_sent": 0,
             "dropped": 0,
             "retries": 0,
             "released": 0,
@@ -183,18 +219,31 @@ class Outbox:
             thread.join(timeout)
 
     # ------------------------------------------------------------------ sender side
-    def _take(self) -> list[Report]:
+    def _take(self, out: list[Report] | None = None) -> list[Report]:
         queue = self._queue
-        out: list[Report] = []
+        out = [] if out is None else out
         while queue and len(out) < self.batch:
-            out.append(Report._make(queue.popleft()))
+            out.append(Report(*queue.popleft()))
         return out
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception:  # the sender must outlive any surprise
+                log.exception("brama outbox (pid %d): sender failed; restarting it", self.pid)
+                if self._stop.wait(1.0):
+                    return
+
+    def _loop(self) -> None:
         failures = 0
         while True:
             if not self._inflight:
                 self._inflight = self._take()
+                if self._inflight and len(self._inflight) < self.batch and self.linger > 0:
+                    self._stop.wait(self.linger)
+                    self._inflight = self._take(self._inflight)
             if not self._inflight:
                 if self._stop.is_set():
                     return
@@ -234,7 +283,7 @@ class Outbox:
         client = self.client
         bodies: list[tuple[bytes, str]] = []
         releases: list[Report] = []
-        for r in reports:
+        for r in coalesce(reports):
             if r.op == RELEASE:
                 releases.append(r)
                 continue
@@ -248,6 +297,7 @@ class Outbox:
                 for body, key in bodies:
                     link.send(body, key)
             self.counters["sent"] += len(bodies)
+            self.counters["reports_sent"] += sum(r.times for r in reports if r.op != RELEASE)
         for r in releases:
             try:
                 if r.lease is not None:
@@ -281,6 +331,8 @@ class Outbox:
             body += ',"reason":' + _quote(reason.encode("utf-8", "replace").decode("utf-8"))
         if r.lease:
             body += ',"options":{"lease":' + _quote(r.lease) + "}"
+        elif r.times != 1:
+            body += f',"options":{{"count":{int(r.times)}}}'
         return (body + "}").encode("ascii")
 
 

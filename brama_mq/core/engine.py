@@ -31,6 +31,8 @@ APPLIED: Final = "applied"
 ALREADY_REGISTERED: Final = "already_registered"
 NOT_REGISTERED: Final = "not_registered"
 INVALID: Final = "invalid"
+#: Largest ``count`` of one batched success report.
+MAX_SUCCESS_COUNT: Final = 1_000_000
 
 # Timer kinds.
 _EXPIRE: Final = 0
@@ -281,31 +283,45 @@ class Engine:
         return Result(APPLIED, self._remove(c, now, ev.CONNECTION_UNREGISTERED, "Unregistered"))
 
     def success(
-        self, scope: str | None, connection: str, now: int, *, lease: str | None = None
+        self,
+        scope: str | None,
+        connection: str,
+        now: int,
+        *,
+        lease: str | None = None,
+        count: int = 1,
     ) -> Result:
+        """``count`` successes in a row (a client's batched report): the same state as
+        that many single ones, but one ``success`` event whose data carries ``count``."""
         c = self._conns.get((scope, connection))
         if c is None:
             return _not_registered((scope, connection))
         c.last_activity = now
         c.last_success = now
         state = c.state
+        extra = {"count": count} if count != 1 else None
         if state == CLOSED:
             window = c.window
             if window is None:
                 c.failure_count = 0
             else:
-                if len(window) == window.maxlen and window[0]:
-                    c.failure_count -= 1
-                window.append(False)
-            return Result(APPLIED, [self._event(c, ev.SUCCESS, now)])
+                maxlen = window.maxlen or count
+                for _ in range(min(count, maxlen)):
+                    if len(window) == window.maxlen and window[0]:
+                        c.failure_count -= 1
+                    window.append(False)
+            return Result(APPLIED, [self._event(c, ev.SUCCESS, now, extra)])
         if state == HALF_OPEN:
             self._release(c, lease)
-            c.probe_successes += 1
-            out = [self._event(c, ev.SUCCESS, now)]
+            for _ in range(min(count, c.policy.half_open_permits) - 1):
+                self._release(c, None)
+            c.probe_successes += count
+            out = [self._event(c, ev.SUCCESS, now, extra)]
             if c.probe_successes >= c.policy.success_threshold:
                 self._close(c, now, ev.CIRCUIT_CLOSED, "Success threshold reached", out)
             return Result(APPLIED, out)
-        return Result(APPLIED, [self._event(c, ev.SUCCESS, now)])  # open: noted, no transition
+        # open: noted, no transition
+        return Result(APPLIED, [self._event(c, ev.SUCCESS, now, extra)])
 
     def failure(
         self,
@@ -591,8 +607,15 @@ class Engine:
         return self.unregister(cmd.scope, _name(cmd), now)
 
     def _cmd_success(self, cmd: CommandLike, now: int) -> Result:
-        lease = cmd.options.get("lease") if cmd.options else None
-        return self.success(cmd.scope, _name(cmd), now, lease=lease)
+        options = cmd.options
+        if not options:
+            return self.success(cmd.scope, _name(cmd), now)
+        count = options.get("count", 1)
+        if type(count) is not int or not 1 <= count <= MAX_SUCCESS_COUNT:
+            return Result(
+                INVALID, [], f"invalid option count={count!r}: an int 1..{MAX_SUCCESS_COUNT}"
+            )
+        return self.success(cmd.scope, _name(cmd), now, lease=options.get("lease"), count=count)
 
     def _cmd_failure(self, cmd: CommandLike, now: int) -> Result:
         lease = cmd.options.get("lease") if cmd.options else None
