@@ -26,6 +26,7 @@ import pytest
 
 from brama_mq.client import Brama
 from brama_mq.errors import NotRegisteredError
+from brama_mq.protocol import encode_command, make_command
 from brama_mq.transport import Topology
 from brama_mq.transport.amqp import AmqpTransport
 from tests import brokers
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+def workers() -> Iterator[list[WorkerProcess]]:
     """Worker processes started by the test; killed at teardown if still running."""
     started: list[WorkerProcess] = []
     yield started
@@ -49,12 +50,11 @@ def _start(
     tmp_path: Path,
     settings: dict[str, str],
     *args: str,
-    ready: bool = True,
 ) -> WorkerProcess:
+    """Start a worker and wait until it consumes its queue."""
     w = WorkerProcess(tmp_path / f"worker{len(workers)}.log", settings, args)
     workers.append(w)
-    if ready:
-        w.wait_ready()
+    w.wait_ready()
     return w
 
 
@@ -93,8 +93,8 @@ def _move_behind(url: str, queue: str, expected: int, send_first: list[bytes], c
 
     No other consumer may run. The ready messages are consumed (unacked; quorum queues
     with a single active consumer refuse basic.get), the consumer cancelled, ``send_first``
-    sent, the taken ones sent again in their order, and only then are the originals acked:
-    nothing can be lost on the way.
+    sent and confirmed, then the taken ones (in any order), and only then are the originals
+    acked: nothing can be lost on the way.
     """
     taken: list[Any] = []
     with kombu.Connection(url, connect_timeout=5) as conn:
@@ -167,11 +167,9 @@ def test_worker_applies_commands_and_drains_on_sigterm(
         assert 400 <= applied_by_first < total
 
         # A second worker (fresh state: it needs the registrations first) applies the rest.
-        registers = [
-            b'{"v":1,"op":"register","connection":"%s","scope":"s","id":"r%s","ts":1}'
-            % (n.encode(), n.encode())
-            for n in names
-        ]
+        now = int(time.time() * 1000)
+        registers = [encode_command(make_command("register", n, "s", options={"max_attempts": 5},
+                                                 now_ms=now)) for n in names]
         assert _move_behind(broker_url, topo.owner_queue(), ready, registers, client) == ready
         second = _start(workers, tmp_path, settings)
         tap.wait_for(lambda s: len(_successes(tap)) >= total, timeout=30)
@@ -348,7 +346,8 @@ def test_password_never_logged_on_a_real_broker(
 ) -> None:
     """With a user of its own (odd characters in the password), the worker's output never
     shows the password: not at DEBUG, not across a reconnect, not on refused login."""
-    password = f"Pw@{secrets.token_hex(8)}/x%y"
+    token = secrets.token_hex(8)
+    password = f"Pw@{token}/x%y"
     user = f"u{secrets.token_hex(4)}"
     private_node.ctl("add_user", user, password)
     try:
@@ -370,6 +369,7 @@ def test_password_never_logged_on_a_real_broker(
         assert w.wait(20) == 0
         output = w.output()
         _assert_no_secret(output, password)
+        assert token not in output, output
         assert f"amqp://{user}:***@127.0.0.1:{private_node.port}//" in output, output
         assert "lost its connection" in output
 
@@ -379,6 +379,7 @@ def test_password_never_logged_on_a_real_broker(
         assert done.returncode == 1, refused
         _assert_no_secret(refused, password)
         _assert_no_secret(refused, password + "-nope")
+        assert token not in refused, refused
         assert re.search(r"ACCESS_REFUSED|AccessRefused|check the user", refused), refused
     finally:
         with contextlib.suppress(Exception):
