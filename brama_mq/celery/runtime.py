@@ -67,17 +67,21 @@ def _celery_broker_url(app: Any) -> str:
         conn.release()
 
 
-def app_settings(app: Any) -> dict[str, Any]:
-    """The brama_mq settings of a Celery app (validated; see the module doc)."""
-    url = _conf(app, "brama_broker_url") or _celery_broker_url(app)
-    scheme = str(url).split("://", 1)[0].split("+", 1)[0].lower()
+def _broker_url(app: Any) -> str:
+    url = str(_conf(app, "brama_broker_url") or _celery_broker_url(app))
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
     if scheme not in AMQP_SCHEMES:
         raise SettingsError(
             f"brama_mq needs RabbitMQ, but the broker is {scheme}://...: set brama_broker_url "
             "to an amqp:// URL"
         )
     if scheme in ("pyamqp", "librabbitmq"):
-        url = "amqp" + str(url)[len(scheme) :]
+        url = "amqp" + url[len(scheme) :]
+    return url
+
+
+def app_settings(app: Any) -> dict[str, Any]:
+    """The brama_mq settings of a Celery app (validated; see the module doc)."""
     fail_mode = _conf(app, "brama_fail_mode", "open")
     if fail_mode not in FAIL_MODES:
         raise SettingsError(f"brama_fail_mode must be one of {FAIL_MODES}, not {fail_mode!r}")
@@ -92,9 +96,15 @@ def app_settings(app: Any) -> dict[str, Any]:
             "brama_view_max_staleness must be > 0, brama_view_startup_timeout >= 0 and "
             "brama_outbox_size >= 1"
         )
-    settings = Settings.from_env(
-        broker_url=url, prefix=_conf(app, "brama_prefix"), shards=_conf(app, "brama_shards")
-    )
+    client = app.conf.get("brama_client")
+    if client is not None:
+        settings = client.settings
+    else:
+        settings = Settings.from_env(
+            broker_url=_broker_url(app),
+            prefix=_conf(app, "brama_prefix"),
+            shards=_conf(app, "brama_shards"),
+        )
     return {
         "settings": settings,
         "fail_mode": fail_mode,
