@@ -1,0 +1,108 @@
+"""Guards across a broker outage, on a private RabbitMQ node the test stops and starts.
+
+While the node is down the local views go stale after ``max_staleness`` and checks follow
+the fail mode (``open`` lets calls through, ``closed`` refuses), saying so in the log;
+outcomes of the calls that ran are buffered. When the node is back the views reconnect,
+snapshot again and vouch for the circuits again, and the buffered failures reach the
+owner, which opens the circuit: the views see it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from brama_mq.client import Brama
+from brama_mq.client.guard import runtime_for
+from brama_mq.client.local_view import LocalView
+from brama_mq.errors import CircuitOpenError
+from brama_mq.owner import Owner, run_owner
+from brama_mq.transport import Topology
+from brama_mq.transport.amqp import AmqpTransport
+from tests import brokers
+
+pytestmark = pytest.mark.private_node
+
+
+def _until(what: str, predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def node(private_node: brokers.PrivateNode, prefix: str,
+         broker_registry: brokers.Registry) -> Iterator[brokers.PrivateNode]:
+    if not private_node.running():  # a failed earlier test may have left it down
+        private_node.start()
+    broker_registry.track(prefix, private_node.url)
+    yield private_node
+    if not private_node.running():
+        private_node.start()
+
+
+def test_views_follow_fail_mode_while_cut_off_and_resync_when_back(
+    node: brokers.PrivateNode, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stale views apply the fail mode and log it; back in contact they resync, and the
+    outcomes buffered meanwhile open the circuit at the owner."""
+    caplog.set_level(logging.INFO, logger="brama_mq")
+    topology = Topology(prefix)
+    owner_transport = AmqpTransport(node.url, topology, connect_timeout=2, reconnect_timeout=60,
+                                    max_backoff=0.5)
+    transports = [
+        AmqpTransport(node.url, topology, connect_timeout=2, reconnect_timeout=2, max_backoff=0.5)
+        for _ in range(2)
+    ]
+    owner: Owner = run_owner(owner_transport)
+    clients = [Brama(transport=t, request_timeout=5) for t in transports]
+    lenient, strict = clients
+    try:
+        lenient.register("api", scope="s", wait=True, max_attempts=2, expiry_ms=60_000)
+        views = [
+            LocalView.attach(lenient, fail_mode="open", max_staleness=1.0),
+            LocalView.attach(strict, fail_mode="closed", max_staleness=1.0),
+        ]
+        for client in clients:
+            with client.guard("api", scope="s") as admission:
+                assert admission.why == "closed"
+
+        node.stop()
+        _until("both views stale", lambda: all(v.stale for v in views), timeout=10)
+        for _ in range(2):
+            with pytest.raises(TimeoutError), lenient.guard("api", scope="s") as admission:
+                assert admission.why == "fail-open"
+                raise TimeoutError("no route to the payment service")
+        with pytest.raises(CircuitOpenError) as refused, strict.guard("api", scope="s"):
+            pytest.fail("fail mode 'closed' let a call through while cut off")
+        assert refused.value.state == "unknown"
+        outbox = runtime_for(lenient).outbox
+        assert outbox.pending() == 2
+        text = caplog.text
+        assert "no contact with the broker" in text
+        assert "fail mode 'open': calls to s/api run" in text
+        assert "fail mode 'closed': calls to s/api are refused" in text
+
+        node.start()
+        _until("views usable again", lambda: all(v.usable for v in views), timeout=30)
+        _until("buffered outcomes delivered", lambda: outbox.pending() == 0, timeout=30)
+        _until("the circuit open in both views",
+               lambda: all(v.state("api", "s") == "open" for v in views), timeout=30)
+        for client in clients:
+            with pytest.raises(CircuitOpenError) as refused, client.guard("api", scope="s"):
+                pytest.fail("an open circuit let a call through")
+            assert refused.value.state == "open"
+        for view in views:
+            assert view.counters["snapshots"] >= 2, view.stats()
+        assert "in contact with the broker again" in caplog.text
+    finally:
+        for client in clients:
+            client.disconnect()
+        owner.stop(wait=30)
+        for t in (*transports, owner_transport):
+            t.close()
