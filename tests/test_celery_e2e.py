@@ -9,6 +9,7 @@ bound to ``*.*.state_change`` (tests/wire.py), independent of brama_mq's own cod
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -66,9 +67,10 @@ class Deployment:
                 )
 
 
-@pytest.fixture
-def deployment(
-    broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry
+@contextlib.contextmanager
+def deploy(
+    broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry,
+    *, pool: str = "prefork", concurrency: int = 2, views: int = 2,
 ) -> Iterator[Deployment]:
     """Owner and Celery worker as subprocesses under this test's prefix and queue."""
     queue = f"{prefix}-payments"
@@ -95,9 +97,11 @@ def deployment(
             half_open_permits=HALF_OPEN_PERMITS, success_threshold=1, probe_timeout_ms=10_000,
         )
         tap = KombuTap(broker_url, transport.topology.events_exchange, ["*.*.state_change"])
-        worker = CeleryWorker(tmp_path / "celery.log", settings, pool="prefork", concurrency=2)
+        worker = CeleryWorker(tmp_path / "celery.log", settings, pool=pool,
+                              concurrency=concurrency)
         worker.wait_for_log(" ready.", timeout=30)
-        worker.wait_for_log("bootstrapped: 1 connections", timeout=15, count=2)
+        if views:  # prefork children start theirs when forked; other pools on first use
+            worker.wait_for_log("bootstrapped: 1 connections", timeout=15, count=views)
         yield Deployment(owner, worker, client, tap, service, sender, queue)
     finally:
         if worker is not None:
@@ -112,6 +116,15 @@ def deployment(
         client.disconnect()
         transport.close()
         sender.close()
+
+
+@pytest.fixture
+def deployment(
+    broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry
+) -> Iterator[Deployment]:
+    """The e2e deployment: a prefork worker with two children."""
+    with deploy(broker_url, prefix, tmp_path, broker_registry) as d:
+        yield d
 
 
 def test_circuit_defers_tasks_rations_probes_and_recovers(deployment: Deployment) -> None:
@@ -161,3 +174,25 @@ def test_circuit_defers_tasks_rations_probes_and_recovers(deployment: Deployment
     assert all(ok[order] == 1 for order in deferred), ok
     assert len(calls) == MAX_ATTEMPTS + len(deferred)
     assert d.client.status(CONNECTION, scope=SCOPE)["state"] == "closed"
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_solo_and_threads_pools_guard_in_the_worker_process(
+    broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry, pool: str
+) -> None:
+    """Without prefork children the worker process itself runs the view: a task on an
+    open circuit is deferred without running, and runs once the circuit is closed."""
+    with deploy(broker_url, prefix, tmp_path, broker_registry, pool=pool, concurrency=2,
+                views=0) as d:
+        d.client.open(CONNECTION, scope=SCOPE, expiry_ms=None, wait=True)
+        d.charge("held")
+        d.worker.wait_for_log("brama guard: deferred", timeout=15)
+        out = d.worker.output()
+        assert out.count("bootstrapped: 1 connections") == 1, "one view, in the worker process"
+        assert "held" not in {c["order"] for c in d.service.calls()}
+        d.client.close(CONNECTION, scope=SCOPE, wait=True)
+        # Held open: the task comes back after HELD_OPEN_RETRY_MS, so send another.
+        d.charge("after-close")
+        d.wait("the task running", lambda: any(c["order"] == "after-close" and c["ok"]
+                                               for c in d.service.calls()), timeout=15)
+        assert "held" not in {c["order"] for c in d.service.calls()}
