@@ -75,10 +75,8 @@ class CeleryWorker:
         try:
             if self.alive():
                 self.proc.send_signal(signal.SIGTERM)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    pass
         finally:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
