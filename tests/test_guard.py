@@ -395,3 +395,22 @@ def test_full_outbox_drops_and_counts_then_delivers_in_order_when_the_owner_is_b
     finally:
         outbox.close(1)
         client.disconnect()
+
+
+def test_module_level_guard_uses_the_default_client(stack: Stack) -> None:
+    """``brama_mq.guard`` / ``brama_mq.guarded`` guard through the default client."""
+    import brama_mq
+
+    _register(stack)
+    old = brama_mq.set_default_client(stack.client)
+    try:
+
+        @brama_mq.guarded("api", scope="s")
+        def call() -> str:
+            return "ok"
+
+        assert call() == "ok"
+        with brama_mq.guard("api", scope="s") as admission:
+            assert admission.state == "closed"
+    finally:
+        brama_mq.set_default_client(old)

@@ -38,6 +38,8 @@ EXPECTED = {
     "configure",
     "default_client",
     "failure",
+    "guard",
+    "guarded",
     "open_circuit",
     "register",
     "reset_circuit",

@@ -6,9 +6,11 @@ Created on first use from ``BRAMA_*`` settings; replace it with ``set_default_cl
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from brama_mq.client.brama import Applied, Brama
+from brama_mq.client.guard import GuardedCall
 
 _lock = threading.Lock()
 _default: Brama | None = None
@@ -71,3 +73,15 @@ def status(connection: str, **kwargs: Any) -> dict[str, Any]:
 
 def available(connection: str, **kwargs: Any) -> bool:
     return default_client().available(connection, **kwargs)
+
+
+def guard(connection: str, **kwargs: Any) -> GuardedCall:
+    """``with brama_mq.guard("payment_api", scope="payments"):`` (see ``Brama.guard``)."""
+    return default_client().guard(connection, **kwargs)
+
+
+def guarded(connection: str, **kwargs: Any) -> Callable[[Any], Any]:
+    """``@brama_mq.guarded("payment_api")`` for sync and async functions (``Brama.guarded``).
+
+    The default client is resolved when the decorator is applied."""
+    return default_client().guarded(connection, **kwargs)
