@@ -388,6 +388,7 @@ def test_full_outbox_drops_and_counts_then_delivers_in_order_when_the_owner_is_b
         owner = run_owner(memory_transport, engine=owner.engine)  # same breakers as before
         try:
             assert outbox.flush(10)
+            client.snapshot()  # queued behind the reports: they are applied when it answers
             reasons = [json.loads(d.body)["data"]["reason"] for d in tap.get(1.0)]
         finally:
             owner.stop(wait=5)
