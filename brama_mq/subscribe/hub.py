@@ -27,10 +27,10 @@ from typing import Final
 
 from brama_mq.core.events import EVENT_TYPES
 from brama_mq.core.matcher import TopicMatcher
-from brama_mq.core.routing import encode_name, encode_scope
 from brama_mq.errors import BramaError, ProtocolError
-from brama_mq.protocol import Event, decode_event
+from brama_mq.protocol import Event
 from brama_mq.settings import MEMORY_URL, Settings
+from brama_mq.subscribe.decode import fast_decode_event
 from brama_mq.subscribe.pump import Pump
 from brama_mq.subscribe.subscription import Options, Subscription, _Item
 from brama_mq.transport import Topology, Transport, open_transport
@@ -63,6 +63,7 @@ class Hub:
         self._pump: Pump | None = None
         self._named: dict[str, Subscription] = {}
         self._identities: dict[Hashable, Subscription] = {}
+        self._routes: dict[str, tuple[Subscription, ...]] = {}  # routing key -> targets
         self._last_seq: dict[str, int] = {}
         self._full: dict[str, tuple[int, ...]] = {}
         self.pending = 0  # subscribe() calls in progress (guarded by the registry lock)
@@ -243,6 +244,8 @@ class Hub:
 
     # ------------------------------------------------------------------ dispatch (pump)
     def _reset_accounting(self) -> None:
+        """Bindings changed: forget cached routes and restart the seq baselines."""
+        self._routes.clear()
         self._full.clear()
         self._last_seq.clear()
 
@@ -251,41 +254,54 @@ class Hub:
         decoded: list[tuple[Delivery, Event]] = []
         for d in deliveries:
             try:
-                decoded.append((d, decode_event(d.body, d.content_type)))
+                decoded.append((d, fast_decode_event(d.body, d.content_type)))
             except ProtocolError as exc:
                 self.invalid += 1
                 if self.invalid == 1 or self.invalid % 1000 == 0:
                     log.warning("ignored %d invalid event(s) on %s: %s", self.invalid,
                                 d.routing_key, exc)
-        out: dict[int, tuple[Subscription, list[_Item]]] = {}
+        out: dict[Subscription, list[_Item]] = {}
         with self._lock:
-            match = self._matcher.match
-            subs = self._transient
+            routes = self._routes
             for d, event in decoded:
-                targets = match(d.routing_key)
+                key = d.routing_key
+                targets = routes.get(key)
+                if targets is None:
+                    targets = self._route(key)
                 if not targets:
                     continue
-                self._account(event)
+                self._account(key, event.seq)
                 item = _Item(event, d, 0)
-                for sid in targets:
-                    slot = out.get(sid)
-                    if slot is None:
-                        sub = subs.get(sid)
-                        if sub is None:
-                            continue
-                        slot = out[sid] = (sub, [])
-                    slot[1].append(item)
-        for sub, items in out.values():
+                for sub in targets:
+                    got = out.get(sub)
+                    if got is None:
+                        out[sub] = [item]
+                    else:
+                        got.append(item)
+        for sub, items in out.items():
             sub._receive(items)
 
-    def _account(self, event: Event) -> None:
-        """Count a ``seq`` gap as lost for the subscriptions bound to all of its events."""
-        sc = f"{encode_scope(event.scope)}.{encode_name(event.connection)}"
-        seq = event.seq
+    def _route(self, key: str) -> tuple[Subscription, ...]:
+        """The subscriptions a routing key reaches (cached until bindings change)."""
+        subs = self._transient
+        targets = tuple(subs[sid] for sid in self._matcher.match(key) if sid in subs)
+        if len(self._routes) >= _ACCOUNTING_LIMIT:
+            self._routes.clear()
+        self._routes[key] = targets
+        return targets
+
+    def _account(self, key: str, seq: int) -> None:
+        """Count a ``seq`` gap as lost for the subscriptions bound to all of its events.
+
+        The gap is kept per ``<scope>.<connection>`` words of the routing key (the words
+        the owner derives from the event's own scope and connection).
+        """
+        sc = key.rpartition(".")[0]
         last = self._last_seq.get(sc)
         if last is None or seq > last:
             if len(self._last_seq) >= _ACCOUNTING_LIMIT:
-                self._reset_accounting()
+                self._last_seq.clear()
+                self._full.clear()
             self._last_seq[sc] = seq
         if last is None or seq <= last + 1:
             return

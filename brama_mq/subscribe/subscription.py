@@ -28,7 +28,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from brama_mq.errors import BramaError, ProtocolError
-from brama_mq.protocol import Event, decode_event
+from brama_mq.protocol import Event
+from brama_mq.subscribe.decode import fast_decode_event
 from brama_mq.subscribe.pump import Pump
 from brama_mq.subscribe.window import EventKey, SeenWindow
 from brama_mq.transport.base import Delivery, EventSource
@@ -115,6 +116,7 @@ class _Inbox:
         self._items: deque[_Item] = deque()
         self._limit = limit
         self._wakers: list[Callable[[], object]] = []
+        self._want = 1  # items the waiting consumer needs before waking is worth it
         self.received = 0
         self.dropped = 0
         self.closed = False
@@ -146,25 +148,32 @@ class _Inbox:
                     for _ in range(over):
                         self._items.popleft()
                     self.dropped += over
-            self._cond.notify_all()
+            if len(self._items) >= self._want:
+                self._cond.notify_all()
             wakers = self._wakers
         if wakers:
             self._wake(wakers)
 
-    def take(self, n: int, timeout: float | None) -> list[_Item]:
-        """Up to ``n`` items, waiting up to ``timeout`` s (None: forever) for the first;
+    def take(self, n: int, timeout: float | None, *, fill: bool = False) -> list[_Item]:
+        """Up to ``n`` items, waiting up to ``timeout`` s (None: forever) for the first
+        (with ``fill``: for all ``n``, so a batch being filled is not woken per item);
         ``[]`` on timeout or once closed."""
+        need = n if fill else 1
         with self._cond:
-            if not self._items and not self.closed and (timeout is None or timeout > 0):
+            if len(self._items) < need and not self.closed and (timeout is None or timeout > 0):
                 end = None if timeout is None else time.monotonic() + timeout
-                while not self._items and not self.closed:
-                    if end is None:
-                        self._cond.wait()
-                        continue
-                    remaining = end - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+                self._want = need
+                try:
+                    while len(self._items) < need and not self.closed:
+                        if end is None:
+                            self._cond.wait()
+                            continue
+                        remaining = end - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                finally:
+                    self._want = 1
             if self.closed:
                 return []
             items = self._items
@@ -182,7 +191,7 @@ class _Inbox:
 class _Collector:
     """Builds one batch: fresh events up to ``size``, for ``timeout`` s after the first."""
 
-    __slots__ = ("deadline", "items", "keys", "seen", "size", "sub", "tag", "timeout")
+    __slots__ = ("deadline", "items", "keys", "seen", "size", "sub", "tag", "taken", "timeout")
 
     def __init__(self, sub: Subscription) -> None:
         self.sub = sub
@@ -191,6 +200,7 @@ class _Collector:
         self.seen = sub._seen
         self.items: list[_Item] = []
         self.keys: list[EventKey] = []
+        self.taken: set[EventKey] = set()
         self.tag = 0
         self.deadline: float | None = None
 
@@ -199,16 +209,17 @@ class _Collector:
         return self.size - len(self.items)
 
     def add(self, got: list[_Item]) -> None:
-        seen, keys = self.seen, self.keys
+        seen, keys, taken = self.seen, self.keys, self.taken
         for it in got:
             if it.tag > self.tag:
                 self.tag = it.tag
             ev = it.event
             key = (ev.scope, ev.connection, ev.seq)
-            if key in seen or key in keys:
+            if key in seen or key in taken:
                 self.sub._counts["duplicates"] += 1
                 continue
             keys.append(key)
+            taken.add(key)
             self.items.append(it)
         if self.items and self.deadline is None:
             self.deadline = time.monotonic() + self.timeout
@@ -361,7 +372,7 @@ class Subscription:
                 wait = None if end is None else end - time.monotonic()
             if wait is not None and wait <= 0:
                 break
-            got = inbox.take(col.room, wait)
+            got = inbox.take(col.room, wait, fill=bool(col.items))
             if got:
                 col.add(got)
             elif inbox.closed:
@@ -542,7 +553,7 @@ class Subscription:
         items: list[_Item] = []
         for d in deliveries:
             try:
-                event = decode_event(d.body, d.content_type)
+                event = fast_decode_event(d.body, d.content_type)
             except ProtocolError as exc:
                 self._counts["invalid"] += 1
                 self._dead_letter_invalid(d, exc)
