@@ -144,6 +144,85 @@ def worker(
         _fail(f"{exc} (broker {settings.safe_broker_url})")
 
 
+@main.command()
+@click.option("--broker", "broker_url", default=None, help="Broker URL [env BRAMA_BROKER_URL].")
+@click.option("--prefix", default=None, help="Name prefix [env BRAMA_PREFIX].")
+@click.option("--scope", multiple=True, help="Only this scope (repeat for several).")
+@click.option("--connection", multiple=True, help="Only this connection (repeat for several).")
+@click.option(
+    "--events", multiple=True, help="Only these event types (comma-separated or repeated)."
+)
+@click.option(
+    "--pattern", "patterns", multiple=True,
+    help="A raw topic binding, e.g. 'payments.#' or '*.*.circuit_opened' (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One event per line as JSON.")
+@click.option("--count", type=int, default=None, help="Stop after this many events.")
+@click.option("--seconds", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--plain", is_flag=True, help="Print one line per event instead of a live view.")
+def watch(
+    broker_url: str | None,
+    prefix: str | None,
+    scope: tuple[str, ...],
+    connection: tuple[str, ...],
+    events: tuple[str, ...],
+    patterns: tuple[str, ...],
+    as_json: bool,
+    count: int | None,
+    seconds: float | None,
+    plain: bool,
+) -> None:
+    """Show events as they happen and the current state of each connection.
+
+    Filters combine like subscribe(): the cross product of --scope, --connection and
+    --events; --pattern adds raw bindings. Ctrl-C (or SIGTERM) stops it.
+
+    \b
+    Examples:
+      brama-mq watch
+      brama-mq watch --scope payments --events state_change,circuit_opened
+      brama-mq watch --connection payment_api --json | jq -r .data.state
+      brama-mq watch --pattern '*.*.circuit_opened'
+    """
+    from brama_mq.errors import FilterError
+    from brama_mq.watch import run_watch
+
+    try:
+        settings = Settings.from_env(broker_url=broker_url, prefix=prefix)
+    except SettingsError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if settings.broker_url.startswith(MEMORY_URL):
+        _fail("watch needs a broker: the embedded transport lives inside one process",
+              EXIT_USAGE)
+    names = [name.strip() for item in events for name in item.split(",") if name.strip()]
+
+    def _interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_watch(
+            broker_url=settings.broker_url,
+            prefix=settings.prefix,
+            scope=scope,
+            connection=connection,
+            events=names,
+            patterns=patterns,
+            as_json=as_json,
+            count=count,
+            seconds=seconds,
+            live=False if plain else None,
+            on_ready=lambda keys: click.echo(
+                f"brama-mq: watching {' '.join(keys)} on {settings.safe_broker_url}"
+                f" (prefix {settings.prefix})", err=True,
+            ),
+        )
+    except FilterError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except BramaError as exc:
+        _fail(f"{exc} (broker {settings.safe_broker_url})")
+
+
 def _add_admin_commands() -> None:
     from brama_mq.admin_cli import ADMIN_COMMANDS
 
