@@ -437,3 +437,17 @@ def test_prefix_must_match_the_transport() -> None:
     """A prefix that contradicts the transport's topology is refused."""
     with pytest.raises(ValueError, match="prefix"):
         brama_mq.subscribe(transport=MemoryTransport(Topology("one")), prefix="two")
+
+
+def test_readme_binding_table_is_what_subscribe_binds() -> None:
+    """Every row of the README's Subscriptions table lists exactly the bindings made."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Subscriptions\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `subscribe\((.*?)\)` \| (.*?) \|$", section, re.M)
+    assert len(rows) >= 6
+    for args, keys in rows:
+        call = eval(f"dict({args})")  # the README's own keyword arguments
+        assert filter_keys(**call) == re.findall(r"`([^`]*)`", keys), args
