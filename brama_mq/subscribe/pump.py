@@ -77,6 +77,10 @@ class Pump:
         return self
 
     @property
+    def name(self) -> str:
+        return self._thread.name
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -157,6 +161,9 @@ class Pump:
                 try:
                     deliveries = source.get(_IDLE_S)
                 except BramaError as exc:
+                    if getattr(source, "_closed", False):  # its transport was closed under it
+                        log.warning("%s: the event source was closed; stopping", self.name)
+                        break
                     self._failed(exc)
                     self._stop.wait(_ERROR_PAUSE_S)
                     continue
