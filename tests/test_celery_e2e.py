@@ -176,8 +176,8 @@ def test_circuit_defers_tasks_rations_probes_and_recovers(deployment: Deployment
     assert d.client.status(CONNECTION, scope=SCOPE)["state"] == "closed"
 
 
-@pytest.mark.parametrize("pool", ["solo", "threads"])
-def test_solo_and_threads_pools_guard_in_the_worker_process(
+@pytest.mark.parametrize("pool", ["solo", "threads", "gevent"])
+def test_solo_threads_and_gevent_pools_guard_in_the_worker_process(
     broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry, pool: str
 ) -> None:
     """Without prefork children the worker process itself runs the view: a task on an

@@ -48,8 +48,10 @@ class Eager:
         out = []
         for d in self.tap.get(0.2):
             event = json.loads(d.body)
-            if event["event"] in ("success", "failure"):
-                out.append((event["event"], event["data"].get("reason")))
+            if event["event"] in ("success", "failure"):  # batched successes carry count
+                out += [(event["event"], event["data"].get("reason"))] * event["data"].get(
+                    "count", 1
+                )
         return out
 
 

@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
@@ -191,6 +192,8 @@ class GuardRuntime:
         self.view = view
         self.fail_mode = view.fail_mode
         self.startup_timeout = startup_timeout
+        #: Until then, a check that finds the view not bootstrapped yet waits for it.
+        self.startup_deadline = time.monotonic() + startup_timeout
         self.probe_timeout = probe_timeout
         self.outbox = Outbox(client, max_size=outbox_size)
         #: key -> (entry seq, wall ms): the owner refused a permit; do not ask again
@@ -200,6 +203,7 @@ class GuardRuntime:
 
     def start(self, wait: bool = True) -> None:
         """Start the view (and with ``wait``, block up to ``startup_timeout`` for it)."""
+        self.startup_deadline = time.monotonic() + self.startup_timeout
         self.view.start(wait=self.startup_timeout if wait else None)
         self.outbox.start()
 
@@ -223,6 +227,10 @@ class GuardRuntime:
         key = guard.key
         if key in view.closed:
             return ADMIT_CLOSED
+        if not view.ready:  # just started: wait (once, bounded) for the first snapshot
+            left = self.startup_deadline - time.monotonic()
+            if left > 0 and view.wait_ready(left) and key in view.closed:
+                return ADMIT_CLOSED
         if not view.usable:
             return self._fail(guard, "the local view is " + ("stale" if view.ready else
                                                                "not bootstrapped yet"))

@@ -401,10 +401,9 @@ class LocalView:
                 len(self.entries()),
             )
         self._contact()
-        if not self._stale:
-            with self._lock:
-                if not self._dead and not self._stop.is_set():
-                    self.closed = self._closed_live
+        with self._lock:
+            if not self._stale and not self._dead and not self._stop.is_set():
+                self.closed = self._closed_live
         return True
 
     def _open_source(self) -> EventSource:
