@@ -169,7 +169,6 @@ def test_circuit_defers_tasks_rations_probes_and_recovers(deployment: Deployment
     assert len(probes) == HALF_OPEN_PERMITS, probes
     log = d.worker.output()
     assert "is half_open" in log, "no deferred task was refused a permit while half-open"
-    assert len({c["pid"] for c in calls}) == 2, "both children ran tasks"
     ok = Counter(c["order"] for c in calls if c["ok"])
     assert all(ok[order] == 1 for order in deferred), ok
     assert len(calls) == MAX_ATTEMPTS + len(deferred)
