@@ -237,9 +237,11 @@ def test_unsubscribe_with_a_filter_removes_exactly_the_covered_bindings(stack: S
     assert a_or_b.closed and scoped.closed and everything.closed
 
 
-def test_stalled_transient_consumer_drops_oldest_and_counts(stack: Stack) -> None:
-    """A stalled transient subscriber keeps max_length events (the newest) and counts every
-    one it dropped, exactly; the others on the shared queue are not held back."""
+def test_stalled_transient_consumer_drops_oldest_and_counts(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stalled transient subscriber keeps max_length events (the newest), counts every
+    one it dropped, exactly, and says so in the log; the others are not held back."""
     release = threading.Event()
     handled: list[int] = []
 
@@ -260,6 +262,7 @@ def test_stalled_transient_consumer_drops_oldest_and_counts(stack: Stack) -> Non
     release.set()
     wait_until(lambda: len(handled) == 11, 5)
     assert handled == [1, *range(total - 9, total + 1)]  # the first, then the newest ten
+    assert "dropped" in caplog.text and "max_length=10" in caplog.text
     sub.close()
 
 

@@ -42,6 +42,8 @@ __all__ = ["BatchHandler", "EventHandler", "Handler", "Options", "Subscription"]
 log = logging.getLogger("brama_mq.subscribe")
 
 _MAX_RETRY_DELAY_S: Final = 5.0
+#: A subscription that drops events says so in the log at most this often.
+_DROP_WARNING_S: Final = 10.0
 _JOIN_TIMEOUT_S: Final = 30.0
 _ids = itertools.count(1)
 
@@ -261,6 +263,8 @@ class Subscription:
         self._pending: _Batch | None = None
         self._unacked = 0
         self.queue_dropped = 0  # losses seen as seq gaps on the shared queue (hub)
+        self._dropped_told = 0
+        self._told_at = 0.0
         self._counts: dict[str, int] = dict.fromkeys(
             ("handled", "duplicates", "errors", "retries", "dead_lettered", "failed", "invalid"),
             0,
@@ -547,6 +551,15 @@ class Subscription:
     # ------------------------------------------------------------------ from the pump
     def _receive(self, items: list[_Item]) -> None:
         self._inbox.put(items)
+        dropped = self.dropped
+        if dropped != self._dropped_told:
+            now = time.monotonic()
+            if now - self._told_at >= _DROP_WARNING_S:
+                log.warning(
+                    "%r dropped %d event(s) so far (its consumer is slower than the events; "
+                    "max_length=%d)", self, dropped, self._options.max_length,
+                )
+                self._dropped_told, self._told_at = dropped, now
 
     def _receive_deliveries(self, deliveries: list[Delivery]) -> None:
         """Sink of a named subscription's pump: decode; dead-letter what cannot be."""
