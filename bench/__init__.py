@@ -22,7 +22,7 @@ class Scenario(NamedTuple):
 SCENARIOS: dict[str, Scenario] = {
     "core": Scenario("bench.core", "sans-I/O engine: commands/s, idle bytes, advance() cost"),
     "subscribe": Scenario("bench.subscribe", "50 subscribers vs the owner; subscriber vs kombu"),
-    "guard": Scenario("bench.guard", "guard check vs pybreaker (memory, Redis); guarded Celery throughput"),
+    "guard": Scenario("bench.guard", "guard check vs pybreaker (memory, Redis); Celery ratio"),
 }
 
 
