@@ -454,3 +454,30 @@ def test_readme_binding_table_is_what_subscribe_binds() -> None:
     for args, keys in rows:
         call = eval(f"dict({args})")  # the README's own keyword arguments
         assert filter_keys(**call) == re.findall(r"`([^`]*)`", keys), args
+
+
+_EDGE = '{"event":"failure","timestamp":1,"connection":"c","scope":"s","id":"x","seq":1,"data":%s}'
+
+
+@pytest.mark.parametrize("body", [
+    (_EDGE % '{"state": "closed", "failure_count": 1}').encode(),
+    (_EDGE % '{"x": NaN}').encode(), (_EDGE % '{"x": -Infinity}').encode(),
+    (_EDGE % '{"x": "NaN"}').encode(), (_EDGE % '{"x": "\\ud800"}').encode(),
+    (_EDGE % ('{"a":' * 40 + "1" + "}" * 40)).encode(), (_EDGE % '{"x": [[[[1]]]]}').encode(),
+    (_EDGE % "[1]").encode(), b"\xef\xbb\xbf" + (_EDGE % "{}").encode(), b"\xff",
+    (_EDGE % "{}").replace('"seq":1', '"seq":1.0').encode(),
+    (_EDGE % "{}").replace('"failure"', '"failur"').encode(),
+])
+def test_fast_decode_accepts_exactly_what_decode_event_accepts(body: bytes) -> None:
+    """The subscriber's fast decoder gives decode_event's result, or its error."""
+    from brama_mq.errors import ProtocolError
+    from brama_mq.protocol import decode_event
+    from brama_mq.subscribe.decode import fast_decode_event
+
+    def outcome(decode: Any) -> Any:
+        try:
+            return decode(body, "application/json").model_dump()
+        except ProtocolError as exc:
+            return str(exc)
+
+    assert outcome(fast_decode_event) == outcome(decode_event)

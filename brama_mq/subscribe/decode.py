@@ -53,7 +53,20 @@ def fast_decode_event(body: bytes, content_type: str | None) -> Event:
         except ValidationError:
             pass  # decode_event raises the ProtocolError (or accepts what jiter refused)
         else:
+            if _surely_tame(body):
+                return event
             extra = event.model_extra
             if _tame_object(event.data, 2) and (not extra or _tame_object(extra, 1)):
                 return event
     return decode_event(body, content_type)
+
+
+def _surely_tame(body: bytes) -> bool:
+    """A byte scan that settles the usual case without walking the object: a body with no
+    ``NaN``/``Infinity`` token holds no such float, and one with fewer ``{``/``[`` than
+    MAX_DEPTH cannot nest deeper (a ``"NaN"`` inside a string only costs the walk)."""
+    return (
+        b"NaN" not in body
+        and b"Infinity" not in body
+        and body.count(b"{") + body.count(b"[") <= MAX_DEPTH
+    )
