@@ -128,9 +128,7 @@ def deployment(
 
 
 def test_circuit_defers_tasks_rations_probes_and_recovers(deployment: Deployment) -> None:
-    """Failures open the circuit; queued tasks wait without running; one probe per permit
-    runs across both children; a success closes the circuit and every deferred task runs
-    exactly once; the subscriber sees closed -> open -> half_open -> closed."""
+    """Open defers tasks unrun; one probe per permit runs; a success closes; all run once."""
     d = deployment
     d.service.set(failure_rate=1.0, latency_s=0.0)
     for i in range(MAX_ATTEMPTS):
@@ -179,8 +177,7 @@ def test_circuit_defers_tasks_rations_probes_and_recovers(deployment: Deployment
 def test_solo_threads_and_gevent_pools_guard_in_the_worker_process(
     broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry, pool: str
 ) -> None:
-    """Without prefork children the worker process itself runs the view: a task on an
-    open circuit is deferred without running, and runs once the circuit is closed."""
+    """Solo, threads and gevent pools run one view in the worker process and guard tasks."""
     with deploy(broker_url, prefix, tmp_path, broker_registry, pool=pool, concurrency=2,
                 views=0) as d:
         d.client.open(CONNECTION, scope=SCOPE, expiry_ms=None, wait=True)

@@ -105,8 +105,7 @@ def test_ignored_and_unrecorded_exceptions(eager: Eager) -> None:
 def test_celery_retry_keeps_its_meaning_and_reports_the_exception_it_carries(
     eager: Eager,
 ) -> None:
-    """``self.retry(exc=...)`` propagates as Retry (Celery runs the task again) and
-    reports the carried exception; a Retry without one reports nothing."""
+    """Celery's Retry passes through, reporting the exception it carries (none: nothing)."""
     runs: list[int] = []
 
     @eager.app.task(bind=True, max_retries=1, shared=False)
@@ -142,8 +141,7 @@ def test_reject_and_ignore_keep_their_meaning_and_report_nothing(eager: Eager) -
 
 
 def test_on_open_raise_skip_and_eager_retry_never_enter_the_body(eager: Eager) -> None:
-    """With the circuit open: "raise" fails with CircuitOpenError (state, time left),
-    "skip" returns None, and "retry" run eagerly raises CircuitOpenError too."""
+    """Open circuit: 'raise' fails, 'skip' returns None, eager 'retry' raises; no body runs."""
     entered: list[str] = []
     tasks = {}
     for mode in ("raise", "skip", "retry"):
@@ -171,8 +169,7 @@ def test_on_open_raise_skip_and_eager_retry_never_enter_the_body(eager: Eager) -
 
 
 def test_guarded_task_base_class_takes_its_options_from_the_task(eager: Eager) -> None:
-    """``base=GuardedTask`` with brama_* options guards the task; bad options fail when
-    the task is made."""
+    """base=GuardedTask takes brama_* task options; a bad option fails when the task is made."""
     entered: list[int] = []
 
     @eager.app.task(base=GuardedTask, brama_connection="api", brama_scope="s",
@@ -248,8 +245,7 @@ def worker_app(
 def test_deferral_does_not_use_the_task_retry_budget(
     worker_app: tuple[Celery, Brama], pool: str
 ) -> None:
-    """A task with max_retries=0 is deferred while the circuit is open (never entering its
-    body) and then runs once with request.retries still 0."""
+    """Deferral while open keeps request.retries, so a max_retries=0 task still runs once."""
     app, client = worker_app
     runs: list[int] = []
     deferred: list[str] = []

@@ -94,8 +94,7 @@ def test_closed_check_is_one_lookup_returning_the_shared_admission(stack: Stack)
 
 
 def test_recorded_failures_open_the_circuit_and_keep_the_body_out(stack: Stack) -> None:
-    """Recorded exceptions are failures; once open, calls are refused before the body with
-    CircuitOpenError carrying connection, scope, state and the time left."""
+    """Recorded failures open the circuit; then calls fail fast with the time left, unrun."""
     _register(stack)
     entered: list[int] = []
 
@@ -153,8 +152,7 @@ def test_exceptions_outside_record_count_as_success(stack: Stack) -> None:
 
 
 def test_half_open_permits_are_rationed_across_callers(stack: Stack) -> None:
-    """In half-open only ``half_open_permits`` callers hold a permit; the others are
-    refused as if open; the probe's success closes the circuit."""
+    """Half-open admits only permit holders; others are refused; the probe's success closes."""
     _register(stack, expiry_ms=200, half_open_permits=1)
     stack.client.open("api", scope="s", wait=True)
     runtime_for(stack.client)
@@ -198,8 +196,7 @@ def test_probe_permit_is_given_back_when_nothing_is_reported(stack: Stack) -> No
 
 
 def test_async_functions_and_async_with_are_guarded(stack: Stack) -> None:
-    """``@client.guarded`` on a coroutine function and ``async with client.guard`` check,
-    run and report like the sync forms."""
+    """Coroutine functions and ``async with`` are checked, run and reported like sync ones."""
     _register(stack)
 
     @stack.client.guarded("api", scope="s", record=(TimeoutError,))
@@ -231,8 +228,7 @@ def test_async_functions_and_async_with_are_guarded(stack: Stack) -> None:
 def test_unregistered_connection_runs_unguarded_and_reports_nothing(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A connection the owner does not know runs (and says so once); nothing is sent, so
-    nothing is dead-lettered."""
+    """An unregistered connection runs unguarded, logs once and sends (dead-letters) nothing."""
     _register(stack)
     caplog.set_level(logging.WARNING, logger="brama_mq.guard")
     for _ in range(2):
@@ -247,8 +243,7 @@ def test_unregistered_connection_runs_unguarded_and_reports_nothing(
 def test_fail_mode_applies_when_the_view_has_no_data(
     memory_transport: MemoryTransport, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With no owner to bootstrap from, fail mode ``open`` lets calls through and
-    ``closed`` refuses them, each saying so in the log."""
+    """Without a snapshot, fail mode 'open' runs calls and 'closed' refuses them, both logged."""
     caplog.set_level(logging.WARNING, logger="brama_mq.guard")
     clients = [Brama(transport=memory_transport) for _ in range(2)]
     try:
@@ -270,8 +265,7 @@ def test_fail_mode_applies_when_the_view_has_no_data(
 
 
 def test_view_drops_stale_and_duplicate_events_by_seq() -> None:
-    """Events not newer than the entry (by seq) are ignored; removal leaves a tombstone
-    that older events cannot revive; a newer registration does."""
+    """The view ignores events not newer (by seq), and tombstones removals against stragglers."""
     view = LocalView(Brama(transport=MemoryTransport()))
     ev = {"event": "state_change", "connection": "api", "scope": "s", "seq": 5,
           "data": {"new_state": "open", "open_until": 123}}
@@ -289,8 +283,7 @@ def test_view_drops_stale_and_duplicate_events_by_seq() -> None:
 
 
 def test_snapshot_removes_what_the_owner_no_longer_has_and_keeps_newer_events() -> None:
-    """A snapshot replaces older entries, keeps ones an event made newer, and drops
-    connections it does not list."""
+    """A snapshot drops unlisted connections but never overwrites a newer event."""
     view = LocalView(Brama(transport=MemoryTransport()))
     view.apply_event({"event": "state_change", "connection": "a", "scope": None, "seq": 9,
                       "data": {"new_state": "half_open"}})
@@ -306,8 +299,7 @@ def test_snapshot_removes_what_the_owner_no_longer_has_and_keeps_newer_events() 
 
 
 def test_successes_in_a_row_are_merged_but_order_per_connection_is_kept() -> None:
-    """Runs of lease-less successes of one connection become one report with a count; a
-    failure or a probe outcome ends the run."""
+    """Runs of plain successes merge into counted reports; per-connection order is kept."""
     r = [
         Report("success", "a", None, None, None, 1),
         Report("success", "b", None, None, None, 2),
@@ -328,8 +320,7 @@ def test_successes_in_a_row_are_merged_but_order_per_connection_is_kept() -> Non
 
 
 def test_outbox_commands_are_valid_protocol_commands() -> None:
-    """What the outbox sends decodes as a command: reason escaped, count and lease in
-    options."""
+    """Outbox bodies decode as protocol commands (escaped reason, count and lease options)."""
     outbox = Outbox(Brama(transport=MemoryTransport()))
     report = Report("failure", "pay.api", 's"1', "Boom: \udc80 \u2028", None, 5_000_000_000)
     body = outbox.encode(report)
@@ -364,8 +355,7 @@ def test_count_of_a_batched_success_is_applied_and_published(stack: Stack) -> No
 def test_full_outbox_drops_and_counts_then_delivers_in_order_when_the_owner_is_back(
     memory_transport: MemoryTransport,
 ) -> None:
-    """While commands cannot be delivered the outbox keeps at most max_size reports,
-    counting the rest as dropped; once the owner queue is back they arrive in order."""
+    """A full outbox drops and counts; what it kept arrives in order once commands route."""
     owner = run_owner(memory_transport)
     client = Brama(transport=memory_transport)
     client.register("api", scope="s", wait=True, max_attempts=100)

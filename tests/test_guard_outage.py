@@ -49,8 +49,7 @@ def node(private_node: brokers.PrivateNode, prefix: str,
 def test_views_follow_fail_mode_while_cut_off_and_resync_when_back(
     node: brokers.PrivateNode, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Stale views apply the fail mode and log it; back in contact they resync, and the
-    outcomes buffered meanwhile open the circuit at the owner."""
+    """Cut off: fail mode applies and is logged; back: views resync, buffered outcomes land."""
     caplog.set_level(logging.INFO, logger="brama_mq")
     topology = Topology(prefix)
     owner_transport = AmqpTransport(node.url, topology, connect_timeout=2, reconnect_timeout=60,

@@ -26,8 +26,7 @@ def celery_example() -> str:
 
 
 def test_readme_celery_example_runs_as_written(memory_transport: MemoryTransport) -> None:
-    """The example defines a guarded task that charges while closed and, run eagerly
-    with the circuit open, refuses with CircuitOpenError without calling the service."""
+    """The README's Celery example runs as written: charges while closed, refuses when open."""
     namespace: dict[str, Any] = {"__name__": "readme_example"}
     exec(compile(celery_example(), str(README), "exec"), namespace)
     app, charge = namespace["app"], namespace["charge"]
