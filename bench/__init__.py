@@ -23,6 +23,7 @@ SCENARIOS: dict[str, Scenario] = {
     "core": Scenario("bench.core", "sans-I/O engine: commands/s, idle bytes, advance() cost"),
     "subscribe": Scenario("bench.subscribe", "50 subscribers vs the owner; subscriber vs kombu"),
     "guard": Scenario("bench.guard", "guard check vs pybreaker (memory, Redis); Celery ratio"),
+    "owner": Scenario("bench.owner", "owner on RabbitMQ: vs a kombu relay, confirm storm, latency"),
 }
 
 
