@@ -11,6 +11,16 @@ One loop, one thread, one engine. Per batch of deliveries it
 So a command is acked only after every critical event it caused is confirmed: a crash
 at any point repeats events (same ``id`` and ``seq``), never loses them. The loop sleeps
 in ``fetch`` exactly until the engine's next deadline, so circuits half-open on time.
+
+With a link that can tell how far its confirms have come (:class:`PipelinedLink`, the
+AMQP one), step 4 does not stall the loop: a batch whose confirms are outstanding stays
+*in flight* while the loop goes on fetching, applying and publishing the next
+deliveries, and batches are acked, in order, as soon as the broker has confirmed
+everything published up to their end. Events still go out the moment they exist; only
+the acks (and the RPC answers) wait, exactly as long as the confirms take. Under a
+trickle of commands that takes the confirm round trip off every command's path; under
+a flood the prefetch window fills and the loop waits for confirms as before (which
+lets the broker's queues go idle and sync at once rather than on their timer).
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Engine, Result
 from brama_mq.core.events import Event
@@ -34,11 +45,44 @@ log = logging.getLogger("brama_mq.owner")
 
 #: Longest the loop blocks in one fetch, so a stop request is noticed promptly.
 _MAX_IDLE_S = 0.25
+#: Publish a batch's events in chunks of about this many as they are made, so the broker
+#: routes and writes them while the rest of the batch is applied.
+_PUBLISH_CHUNK = 128
 _CONFIRM_TIMEOUT_S = 30.0
 
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@runtime_checkable
+class PipelinedLink(Protocol):
+    """What an owner link offers (beyond :class:`OwnerLink`) to keep batches in flight."""
+
+    def confirm_mark(self) -> int:
+        """A number covering every critical publish and dead letter handed over so far."""
+        ...
+
+    def confirmed_mark(self) -> int:
+        """The highest mark all of whose publishes are confirmed (never blocks)."""
+        ...
+
+    def fetch(
+        self, max_messages: int, timeout: float, until: Callable[[], bool] | None = None
+    ) -> list[Delivery]:
+        """:meth:`OwnerLink.fetch` that also returns (maybe empty) once ``until()``."""
+        ...
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A handled batch (or timer events) waiting for its confirms before it is acked."""
+
+    mark: int  # the link's confirm mark after its publishes (pipelined links)
+    confirm: bool  # it published critical events or dead letters
+    ack_tag: int | None  # its last delivery tag; None for timer events
+    replies: list[tuple[Delivery, bytes]]
+    since: float  # time.monotonic() when it was published
 
 
 @dataclass(slots=True)
@@ -81,6 +125,9 @@ class Owner:
         self.stats = OwnerStats()
         self._stop = threading.Event()
         self._link: OwnerLink | None = None
+        self._inflight: deque[_InFlight] = deque()
+        self._checked_link: OwnerLink | None = None
+        self._pipelined_link: PipelinedLink | None = None
         self.ready = threading.Event()
         self.done = threading.Event()
 
@@ -107,12 +154,14 @@ class Owner:
         try:
             while not self._stop.is_set():
                 self.step(link)
+            self._settle(link, block=True)  # the batches in hand are finished and acked
         except BrokerUnavailableError:
             if not self._stop.is_set():
                 raise
             log.warning("stopped while the broker is unreachable; unacked commands are redelivered")
         finally:
             self._link = None
+            self._inflight.clear()  # unacked: the broker redelivers them
             link.close()
             self.done.set()
             log.info("owner stopped")
@@ -121,23 +170,52 @@ class Owner:
         """One turn of the loop; returns how many deliveries it handled."""
         now = self.clock_ms()
         due = self.engine.advance(now)
+        pipelined = self._pipelined(link)
         if due.events:
-            self._publish_and_confirm(link, due.events)
+            self._submit_events(link, due.events, None, [])
+            if pipelined is None:
+                self._settle(link, block=True)
         deadline = due.next_deadline
         wait = _MAX_IDLE_S if deadline is None else (deadline - now) / 1000.0
         wait = min(max(wait, 0.0), _MAX_IDLE_S)
-        deliveries = link.fetch(self.batch_size, wait)
+        if pipelined is None:
+            deliveries = link.fetch(self.batch_size, wait)
+            if deliveries:
+                self.handle_batch(link, deliveries)
+            return len(deliveries)
+        size = self.batch_size
+        inflight = self._inflight
+        if inflight:
+            self._settle(link, block=False)
+        if inflight:
+            oldest = inflight[0].mark
+
+            def confirmed() -> bool:
+                return pipelined.confirmed_mark() >= oldest
+
+            deliveries = pipelined.fetch(size, wait, confirmed)
+        else:
+            deliveries = pipelined.fetch(size, wait)
         if deliveries:
-            self.handle_batch(link, deliveries)
+            self._submit(link, deliveries)
+        if inflight:
+            self._settle(link, block=False)
         return len(deliveries)
 
     # ------------------------------------------------------------------ the batch
     def handle_batch(self, link: OwnerLink, deliveries: Sequence[Delivery]) -> None:
+        """Apply, publish, wait for the confirms and ack (this batch and any in flight)."""
+        self._submit(link, deliveries)
+        self._settle(link, block=True)
+
+    def _submit(self, link: OwnerLink, deliveries: Sequence[Delivery]) -> None:
+        """Apply and publish a batch; :meth:`_settle` acks it once it is confirmed."""
         now = self.clock_ms()
         engine = self.engine
         events: list[Event] = list(engine.advance(now).events)
         replies: list[tuple[Delivery, bytes]] = []
         dead = 0
+        critical = 0
         stats = self.stats
         for delivery in deliveries:
             stats.commands += 1
@@ -170,15 +248,76 @@ class Owner:
             if result.status == APPLIED or result.status == ALREADY_REGISTERED:
                 stats.applied += 1
                 events.extend(result.events)
+                if len(events) >= _PUBLISH_CHUNK:
+                    critical += self._publish(link, events)
+                    events = []
             else:
                 dead += self._dead_letter(link, delivery, result.status, result.error or "")
             if delivery.reply_to:
                 replies.append((delivery, encode_reply(_reply_for(result))))
-        critical = self._publish(link, events) if events else 0
-        if critical or dead:
-            self._confirm(link)
-        link.ack(deliveries[-1].delivery_tag, multiple=True)
+        self._submit_events(link, events, deliveries[-1].delivery_tag, replies, dead + critical)
         stats.batches += 1
+
+    def _pipelined(self, link: OwnerLink) -> PipelinedLink | None:
+        """``link`` if it can keep batches in flight, else None (checked once per link:
+        a runtime protocol check costs more than a small batch)."""
+        if link is not self._checked_link:
+            self._checked_link = link
+            self._pipelined_link = link if isinstance(link, PipelinedLink) else None
+        return self._pipelined_link
+
+    def _submit_events(
+        self,
+        link: OwnerLink,
+        events: Sequence[Event],
+        ack_tag: int | None,
+        replies: list[tuple[Delivery, bytes]],
+        confirmed: int = 0,
+    ) -> None:
+        """Publish ``events`` and keep the batch in flight until its confirms are in;
+        ``confirmed``: confirmed publishes (dead letters, critical events) it made already."""
+        critical = self._publish(link, events) if events else 0
+        pipelined = self._pipelined(link)
+        mark = pipelined.confirm_mark() if pipelined is not None else 0
+        self._inflight.append(
+            _InFlight(mark, bool(critical or confirmed), ack_tag, replies, time.monotonic())
+        )
+
+    def _settle(self, link: OwnerLink, *, block: bool) -> None:
+        """Ack, in order, the batches in flight whose confirms are all in, then answer
+        their RPCs. With ``block`` (or a link that cannot tell), wait for every confirm
+        first; otherwise only a batch that has waited 30 s for its confirms blocks (and
+        raises ConfirmError if they still do not come)."""
+        inflight = self._inflight
+        if not inflight:
+            return
+        pipelined = self._pipelined(link)
+        if block or pipelined is None:
+            if any(f.confirm for f in inflight):
+                self._confirm(link)
+            ready = len(inflight)
+        else:
+            through = pipelined.confirmed_mark()
+            ready = 0
+            for f in inflight:
+                if f.mark > through:
+                    break
+                ready += 1
+            if not ready:
+                waited = time.monotonic() - inflight[0].since
+                if waited < _CONFIRM_TIMEOUT_S:
+                    return
+                self._confirm(link, _CONFIRM_TIMEOUT_S - waited)
+                ready = len(inflight)
+        ack_tag: int | None = None
+        replies: list[tuple[Delivery, bytes]] = []
+        for _ in range(ready):
+            f = inflight.popleft()
+            if f.ack_tag is not None:
+                ack_tag = f.ack_tag
+            replies.extend(f.replies)
+        if ack_tag is not None:
+            link.ack(ack_tag, multiple=True)
         for delivery, body in replies:
             assert delivery.reply_to is not None
             link.reply(delivery.reply_to, delivery.correlation_id, body)
@@ -205,18 +344,14 @@ class Owner:
             self.on_events(events)
         return critical
 
-    def _confirm(self, link: OwnerLink) -> None:
+    def _confirm(self, link: OwnerLink, timeout: float = _CONFIRM_TIMEOUT_S) -> None:
         try:
-            link.wait_confirms(_CONFIRM_TIMEOUT_S)
+            link.wait_confirms(max(0.0, timeout))
         except TransportError:
             log.exception(
                 "confirms did not arrive; the batch stays unacked and will be redelivered"
             )
             raise
-
-    def _publish_and_confirm(self, link: OwnerLink, events: Sequence[Event]) -> None:
-        if self._publish(link, events):
-            self._confirm(link)
 
 
 def _reply_for(result: Result) -> Reply:

@@ -16,8 +16,17 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from brama_mq.core import events as core_events
-from brama_mq.errors import ProtocolError
-from brama_mq.protocol.models import PROTOCOL_VERSION, Command, Event, Reply
+from brama_mq.core.routing import check_names, encode_scope
+from brama_mq.errors import InvalidNameError, ProtocolError
+from brama_mq.protocol.models import (
+    COMMAND_OPS,
+    CONNECTION_OPTIONAL_OPS,
+    PROTOCOL_VERSION,
+    QUERY_OPS,
+    Command,
+    Event,
+    Reply,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -86,8 +95,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: ``json.loads(text, parse_constant=...)`` builds a new decoder per call.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _check_content_type(content_type: str | None) -> None:
-    if content_type is None:
+    if content_type is None or content_type == CONTENT_TYPE:
         return
     media, _, params = content_type.partition(";")
     ok = media.strip().lower() == CONTENT_TYPE
@@ -101,6 +114,20 @@ def _check_content_type(content_type: str | None) -> None:
             field="content_type",
             value=content_type,
         )
+
+
+def _shallow(obj: dict[str, Any]) -> bool:
+    """Whether ``obj`` nests at most one level below the top (depth <= 2): a cheap check
+    that spares the common command the full walk of :func:`_depth`."""
+    for value in obj.values():
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        for child in value:
+            if isinstance(child, (dict, list)):
+                return False
+    return True
 
 
 def _depth(obj: Any, limit: int) -> int:
@@ -155,7 +182,9 @@ def _load_object(
                 value=bytes(body[exc.start : exc.end]),
             ) from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads does
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError(
             f"{what} body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
@@ -174,6 +203,8 @@ def _load_object(
             field="body",
             value=obj if isinstance(obj, (int, float, str, bool)) or obj is None else None,
         )
+    if max_depth >= 2 and _shallow(obj):
+        return obj
     depth = _depth(obj, max_depth)
     if depth > max_depth:
         raise ProtocolError(
@@ -223,6 +254,116 @@ def _dump(model: BaseModel) -> bytes:
         ) from exc
 
 
+_COMMAND_KEYS: Final = frozenset(Command.model_fields)
+_ALL_OPS: Final = COMMAND_OPS | QUERY_OPS
+_set_attr: Final = object.__setattr__
+
+
+def _fast_command(obj: dict[str, Any]) -> Command | None:
+    """The Command pydantic would validate from ``obj``, built without it, or None.
+
+    Covers well-formed commands without unknown fields, which is nearly every command
+    the owner sees; it checks exactly what the model's types and validators check and
+    returns None on anything else, so :func:`_validate` reports errors as before.
+    ``_FAST_COMMANDS`` (checked at import) turns it off if the model's internals change.
+    """
+    if not _COMMAND_KEYS.issuperset(obj):
+        return None  # unknown fields: kept as extras by the model
+    v = obj.get("v")
+    op = obj.get("op")
+    ident = obj.get("id")
+    ts = obj.get("ts")
+    if (
+        type(v) is not int
+        or v != PROTOCOL_VERSION
+        or type(op) is not str
+        or op not in _ALL_OPS
+        or type(ident) is not str
+        or not ident
+        or type(ts) is not int
+        or ts < 0
+    ):
+        return None
+    scope = obj.get("scope")
+    connection = obj.get("connection")
+    reason = obj.get("reason")
+    if reason is not None and type(reason) is not str:
+        return None
+    options = obj.get("options")
+    if options is None:
+        if "options" in obj:
+            return None  # null is not a dict
+        options = {}
+    elif type(options) is not dict:
+        return None
+    else:
+        options = dict(options)
+    try:
+        if scope is not None:
+            if type(scope) is not str:
+                return None
+            encode_scope(scope)
+        if connection is None:
+            if op not in CONNECTION_OPTIONAL_OPS:
+                return None
+        elif type(connection) is not str:
+            return None
+        else:
+            check_names(scope, connection)
+    except InvalidNameError:
+        return None
+    command = Command.__new__(Command)
+    _set_attr(
+        command,
+        "__dict__",
+        {
+            "v": v,
+            "op": op,
+            "scope": scope,
+            "connection": connection,
+            "id": ident,
+            "ts": ts,
+            "reason": reason,
+            "options": options,
+        },
+    )
+    _set_attr(command, "__pydantic_fields_set__", set(obj))
+    _set_attr(command, "__pydantic_extra__", {})
+    _set_attr(command, "__pydantic_private__", None)
+    return command
+
+
+def _fast_commands_match() -> bool:
+    """Whether :func:`_fast_command` builds what ``Command.model_validate`` builds."""
+    samples: list[dict[str, Any]] = [
+        {"v": 1, "op": "failure", "scope": "s", "connection": "c.1", "id": "i", "ts": 5,
+         "reason": "r", "options": {"lease": "x", "n": [1, {"a": None}]}},
+        {"v": 1, "op": "success", "connection": "c", "id": "i", "ts": 0},
+        {"v": 1, "op": "configure", "scope": None, "id": "i", "ts": 1, "options": {}},
+        {"v": 1, "op": "snapshot", "connection": None, "id": "i", "ts": 1, "reason": None},
+    ]
+    try:
+        for sample in samples:
+            fast = _fast_command(dict(sample))
+            slow = Command.model_validate(dict(sample))
+            if (
+                fast is None
+                or fast != slow
+                or fast.model_fields_set != slow.model_fields_set
+                or fast.model_extra != slow.model_extra
+                or fast.__pydantic_private__ != slow.__pydantic_private__
+                or fast.model_dump_json() != slow.model_dump_json()
+                or repr(fast) != repr(slow)
+            ):
+                return False
+        return True
+    except Exception:
+        return False
+
+
+_FAST_COMMANDS: Final = _fast_commands_match()
+
+
 def encode_command(cmd: Command) -> bytes:
     """Compact UTF-8 JSON of a command, unknown extra fields included."""
     return _dump(cmd)
@@ -238,6 +379,10 @@ def decode_command(
     """A command from a message body; :class:`ProtocolError` names the bad field."""
     obj = _load_object(body, content_type, max_bytes, max_depth, "command")
     _check_wire_version(obj, "command")
+    if _FAST_COMMANDS:
+        command = _fast_command(obj)
+        if command is not None:
+            return command
     return _validate(Command, obj, "command")
 
 

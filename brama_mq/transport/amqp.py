@@ -22,10 +22,12 @@ Design points, each learned the hard way:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import random
 import select
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -104,6 +106,239 @@ def _event_message(ev: Outgoing, delivery_mode: int) -> Any:
     )
 
 
+# -- batched framing of event publishes ------------------------------------------------
+# The owner publishes up to three events per command. py-amqp frames each publish with
+# several pack() calls and writes it with its own sendall(); under load that syscall (it
+# wakes the broker each time) was the largest single cost of the owner's loop. Events are
+# framed here instead and written in a few large writes. The bytes are exactly what
+# py-amqp would send: _framing_matches() compares both at import time and the owner link
+# falls back to py-amqp's framing if they ever differ.
+_FRAME_HEADER = struct.Struct(">BHI")
+#: A method frame's type, channel and size, then basic.publish's class and method ids and
+#: the reserved short before the exchange name.
+_METHOD_HEAD = struct.Struct(">BHIHHH")
+#: The publish's mandatory/immediate bits and the method frame's end octet, then the
+#: header frame's type, channel and size, and its class, weight and body size.
+_HEADER_HEAD = struct.Struct(">BBBHIHHQ")
+#: The header frame's end octet, then the body frame's type, channel and size.
+_BODY_HEAD = struct.Struct(">BBHI")
+#: What py-amqp adds to a message's size when it decides whether it fits one frame buffer
+#: (amqp.method_framing.FRAME_OVERHEAD); bigger messages take its multi-frame path.
+_FRAME_OVERHEAD = 40
+#: basic.ack (class 60, method 80): its signature and arguments (delivery tag, bits).
+_BASIC_ACK_SIG = (60, 80)
+_BASIC_ACK = struct.pack(">HH", *_BASIC_ACK_SIG)
+_ACK_ARGS = struct.Struct(">QB")
+#: Flush the framed events to the socket at about this size.
+_WRITE_CHUNK = 32 * 1024
+_PROPS_CACHE: dict[tuple[str | None, int], bytes | None] = {}
+
+
+def _utf8(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")  # as py-amqp's str_to_bytes
+
+
+def _shortstr(value: str) -> bytes | None:
+    raw = _utf8(value)
+    if len(raw) > 255:
+        return None  # py-amqp's framing raises the proper error
+    return bytes((len(raw),)) + raw
+
+
+def _props_prefix(content_type: str | None, delivery_mode: int) -> bytes | None:
+    """Property flags, content type and delivery mode of an event (its message_id
+    follows), as py-amqp serialises them; None if py-amqp must do it."""
+    key = (content_type, delivery_mode)
+    try:
+        return _PROPS_CACHE[key]
+    except KeyError:
+        pass
+    flags = 0x1000 | 0x0080  # delivery_mode, message_id
+    ct = b""
+    prefix: bytes | None = None
+    if content_type is not None:
+        ct = _shortstr(content_type) or b""
+        flags |= 0x8000
+    if ct or content_type is None:
+        prefix = struct.pack(">H", flags) + ct + bytes((delivery_mode,))
+    if len(_PROPS_CACHE) < 64:
+        _PROPS_CACHE[key] = prefix
+    return prefix
+
+
+def _frame_publish(
+    parts: list[bytes],
+    channel_id: int,
+    exchange: bytes,
+    ev: Outgoing,
+    delivery_mode: int,
+    mandatory: bool,
+    frame_max: int,
+) -> int:
+    """Append the method, header and body frames of one ``basic.publish`` to ``parts``
+    and return their size; 0 (nothing appended) when py-amqp must frame it: headers, a
+    body that needs several frames, over-long strings. ``exchange``: a short string."""
+    if ev.headers is not None:
+        return 0
+    prefix = _props_prefix(ev.content_type, delivery_mode)
+    key = _utf8(ev.routing_key)
+    mid = _utf8(ev.message_id)
+    if prefix is None or len(key) > 255 or len(mid) > 255:
+        return 0
+    body = ev.body
+    size = len(body)
+    mlen = 8 + len(exchange) + len(key)
+    hlen = 13 + len(prefix) + len(mid)
+    if mlen - 4 + hlen - 12 + size + _FRAME_OVERHEAD > frame_max - 8:
+        return 0
+    parts += (
+        _METHOD_HEAD.pack(1, channel_id, mlen, 60, 40, 0),
+        exchange,
+        bytes((len(key),)),
+        key,
+        _HEADER_HEAD.pack(mandatory, 0xCE, 2, channel_id, hlen, 60, 0, size),
+        prefix,
+        bytes((len(mid),)),
+        mid,
+    )
+    if not size:
+        parts.append(b"\xce")
+        return 16 + mlen + hlen
+    parts += (_BODY_HEAD.pack(0xCE, 3, channel_id, size), body, b"\xce")
+    return 24 + mlen + hlen + size
+
+
+def _framing_matches() -> bool:
+    """Whether :func:`_frame_publish` writes what py-amqp's frame writer writes."""
+    try:
+        from types import SimpleNamespace
+
+        from amqp.method_framing import frame_writer
+        from amqp.serialization import dumps
+
+        written: list[bytes] = []
+        fake_conn = SimpleNamespace(frame_max=131072, bytes_sent=0)
+        fake_transport = SimpleNamespace(write=lambda data: written.append(bytes(data)))
+        write = frame_writer(fake_conn, fake_transport)
+        samples = [
+            (Outgoing("s.c%C3.state_change", b'{"a":"\xc3\xa9"}', True, "ab12-0001"), 2, True),
+            (Outgoing("_.x.failure", b"{}", False, "id"), 1, False),
+            (Outgoing("_.x.failure", b"", False, "id", content_type=None), 1, False),
+        ]
+        for ev, mode, mandatory in samples:
+            written.clear()
+            args = dumps("Bssbb", (0, "ex.events", ev.routing_key, mandatory, False))
+            write(1, 7, spec.Basic.Publish, args, _event_message(ev, mode))
+            ours: list[bytes] = []
+            size = _frame_publish(ours, 7, b"\x09ex.events", ev, mode, mandatory, 131072)
+            if not size or size != len(b"".join(ours)) or b"".join(written) != b"".join(ours):
+                return False
+        return True
+    except Exception:  # any surprise: keep py-amqp's framing
+        log.debug("batched framing disabled", exc_info=True)
+        return False
+
+
+_BATCHED_FRAMING = _framing_matches()
+_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
+#: errno values py-amqp does not treat as a dead connection (amqp.transport._UNAVAIL).
+_UNAVAIL = frozenset({errno.EAGAIN, errno.EINTR, errno.ENOENT, errno.EWOULDBLOCK})
+
+
+class _FrameReader:
+    """Buffered ``read_frame`` for py-amqp's plain TCP transport (the owner link's).
+
+    py-amqp reads every frame with three ``recv`` calls sized to it (header, payload,
+    end octet) and switches the socket's timeout twice per frame; the owner receives
+    three frames per command and a confirm per event. This reads up to 64 KiB at a time
+    and cuts frames out of that buffer, with py-amqp's results and errors; the link's
+    non-blocking drain takes complete frames from it without touching the socket.
+    """
+
+    __slots__ = ("buf", "pos", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.buf: bytes = bytes(transport._read_buffer)  # whatever py-amqp read ahead
+        transport._read_buffer = b""
+        self.pos = 0
+
+    def frame(self) -> tuple[int, int, bytes] | None:
+        """The next complete frame already buffered, or None."""
+        buf, pos = self.buf, self.pos
+        if len(buf) - pos < 8:
+            return None
+        frame_type, channel, size = _FRAME_HEADER.unpack_from(buf, pos)
+        end = pos + 7 + size
+        if end >= len(buf):
+            return None
+        if buf[end] != 0xCE:
+            from amqp.exceptions import UnexpectedFrame
+
+            raise UnexpectedFrame(f"Received frame_end {buf[end]:#04x} while expecting 0xce")
+        self.pos = end + 1
+        return frame_type, channel, buf[pos + 7 : end]
+
+    def read_frame(self, *_: Any) -> tuple[int, int, bytes]:
+        """Drop-in for ``transport.read_frame``: blocks as the socket's timeout says."""
+        while True:
+            frame = self.frame()
+            if frame is not None:
+                return frame
+            self._add(self._recv(0))
+
+    def fill_nowait(self) -> bool | None:
+        """Add what the kernel has without waiting: True if it had something, False if
+        not, None when this socket cannot be read that way (the caller falls back)."""
+        sock = self.transport.sock
+        if not _DONTWAIT or sock is None or sock.gettimeout() is not None:
+            return None
+        try:
+            data = self._recv(_DONTWAIT)
+        except (BlockingIOError, TimeoutError):
+            return False
+        self._add(data)
+        return True
+
+    def _recv(self, flags: int) -> bytes:
+        transport = self.transport
+        while True:
+            try:
+                data: bytes = transport.sock.recv(65536, flags)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                if flags:
+                    raise
+                raise TimeoutError() from None  # what py-amqp raises on a non-blocking read
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                if exc.errno not in _UNAVAIL:
+                    transport.connected = False
+                raise
+            if not data:
+                transport.connected = False
+                raise OSError("Server unexpectedly closed connection")
+            return data
+
+    def _add(self, data: bytes) -> None:
+        self.buf = self.buf[self.pos :] + data if self.pos < len(self.buf) else data
+        self.pos = 0
+
+
+def _install_reader(conn: Any) -> _FrameReader | None:
+    """Give a plain-TCP py-amqp connection a :class:`_FrameReader` (None for others)."""
+    from amqp.transport import TCPTransport
+
+    transport: Any = getattr(conn, "transport", None)
+    if type(transport) is not TCPTransport:
+        return None
+    reader = _FrameReader(transport)
+    transport.read_frame = reader.read_frame
+    return reader
+
+
 def _backoff(attempt: int, cap: float) -> float:
     """Exponential backoff with jitter: 0.1 s, 0.2 s, ... up to ``cap``, times 0.5-1.0."""
     return min(cap, 0.1 * float(2 ** min(attempt, 16))) * random.uniform(0.5, 1.0)
@@ -145,7 +380,9 @@ def _recoverable(exc: BaseException) -> bool:
 class _Pending:
     """One confirmed publish, kept until the broker acks it (republished otherwise)."""
 
-    __slots__ = ("done", "exchange", "mandatory", "message", "returned", "routing_key", "seq")
+    __slots__ = (
+        "done", "event", "exchange", "mandatory", "message", "returned", "routing_key", "seq"
+    )
 
     def __init__(self, exchange: str, routing_key: str, message: Any, seq: int) -> None:
         self.exchange = exchange
@@ -155,6 +392,9 @@ class _Pending:
         self.seq = seq
         self.done = False
         self.returned = False
+        #: An owner event framed by the link itself: its py-amqp Message is only built
+        #: if it has to be republished (see :meth:`AmqpOwnerLink._message`).
+        self.event: Outgoing | None = None
 
 
 class _ConfirmTracker:
@@ -174,6 +414,10 @@ class _ConfirmTracker:
         self.settled_since_wait = 0
         self.confirmed = 0
         self.nacks = 0
+        # Whether ``unconfirmed`` (in tag order) is also in seq order, so its first entry
+        # is the oldest; a republished nack breaks that until everything has settled.
+        self._in_order = True
+        self._last_seq = 0
 
     def new(self, exchange: str, routing_key: str, message: Any) -> _Pending:
         self.seq += 1
@@ -182,8 +426,28 @@ class _ConfirmTracker:
     def register(self, pending: _Pending) -> int:
         tag = self.next_tag
         self.next_tag = tag + 1
+        if pending.seq < self._last_seq:
+            self._in_order = False
+        else:
+            self._last_seq = pending.seq
         self.unconfirmed[tag] = pending
         return tag
+
+    def settled_through(self) -> int:
+        """A seq such that every publish numbered up to it is settled (confirmed, or
+        handed back by the client link); publishes count from 1, so 0 means none yet."""
+        unconfirmed = self.unconfirmed
+        low = self.seq + 1
+        if unconfirmed:
+            if self._in_order:
+                low = next(iter(unconfirmed.values())).seq
+            else:
+                low = min(p.seq for p in unconfirmed.values())
+        elif not self._in_order:
+            self._in_order = True
+        for p in self.nacked:
+            low = min(low, p.seq)
+        return low - 1
 
     def _settle(self, tag: int, multiple: bool) -> list[_Pending]:
         if not multiple:
@@ -227,6 +491,8 @@ class _ConfirmTracker:
         self.nacked = []
         self.next_tag = 1
         self.low = 1
+        self._in_order = True
+        self._last_seq = 0
         return out
 
 
@@ -440,6 +706,8 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         self._plain: Any = None
         self._confirm: Any = None
         self._consume: Any = None
+        self._reader: _FrameReader | None = None
+        self._handed = 0
         self._stats = {
             "published": 0,
             "transient": 0,
@@ -478,6 +746,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
             self._queue, callback=self._on_delivery, on_cancel=self._on_cancel
         )
         self._plain, self._confirm, self._consume = plain, confirm, consume
+        self._reader = _install_reader(conn)
         for pending in self._tracker.restart():
             self._send_pending(pending)
             self._stats["republished"] += 1
@@ -485,6 +754,64 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
     def _on_lost(self) -> None:
         self._buffer.clear()
         self._plain = self._confirm = self._consume = None
+        self._reader = None
+
+    def _drain_nowait(self, enough: Callable[[], bool]) -> None:
+        """Process frames already received without waiting, until ``enough()``.
+
+        Complete frames are taken from the buffered reader and the socket is read with
+        ``MSG_DONTWAIT``, so no timeout is switched per frame (see :class:`_FrameReader`).
+        """
+        reader = self._reader
+        if reader is None:
+            super()._drain_nowait(enough)
+            return
+        conn = self._conn
+        on_frame = conn.on_inbound_frame
+        next_frame = reader.frame
+        # basic.ack on the confirm channel (about one per event) is handled here as py-amqp
+        # would dispatch it (to the channel's basic_ack callbacks), without its dispatch.
+        confirm = self._confirm
+        pending: Any = getattr(confirm, "_pending", None)
+        confirm_id = confirm.channel_id if pending is not None else -1
+        on_ack = confirm.events["basic_ack"] if pending is not None else ()
+        while not enough():
+            frame = next_frame()
+            if frame is None:
+                got = reader.fill_nowait()
+                if got is None:
+                    super()._drain_nowait(enough)
+                    return
+                if not got:
+                    return
+                continue
+            if (
+                frame[1] == confirm_id
+                and frame[0] == 1
+                and frame[2].startswith(_BASIC_ACK)
+                and not confirm.is_closing
+                and _BASIC_ACK_SIG not in pending
+            ):
+                conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
+                tag, bits = _ACK_ARGS.unpack_from(frame[2], 4)
+                for callback in on_ack:
+                    callback(tag, bool(bits & 1))
+                continue
+            on_frame(frame)
+
+    def _drain_until(self, deadline: float, done: Callable[[], bool]) -> None:
+        """Like the base class, but takes what is already buffered before blocking."""
+        conn = self._conn
+        while not done():
+            self._drain_nowait(done)
+            if done():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=min(remaining, self._max_wait))
+            self._tick()
 
     def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         # Unroutable (nobody bound): counted, not retried; its ack follows. Events with
@@ -496,22 +823,64 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
 
     def _send_pending(self, pending: _Pending) -> None:
         self._tracker.register(pending)
-        _publish(self._confirm, pending.message, pending.exchange, pending.routing_key, True)
+        _publish(self._confirm, self._message(pending), pending.exchange, pending.routing_key,
+                 True)
+
+    @staticmethod
+    def _message(pending: _Pending) -> Any:
+        if pending.message is None:
+            assert pending.event is not None
+            pending.message = _event_message(pending.event, 2)
+        return pending.message
+
+    # -- pipelined confirms --------------------------------------------------------
+    def confirm_mark(self) -> int:
+        """A number for "every critical publish and dead letter handed over so far"."""
+        return self._tracker.seq
+
+    def confirmed_mark(self) -> int:
+        """The highest mark (see :meth:`confirm_mark`) whose publishes are all confirmed.
+
+        Never blocks; nacked publishes are republished first, as wait_confirms does.
+        """
+        tracker = self._tracker
+        if tracker.nacked and self._confirm is not None and self._lost is None:
+            try:
+                for pending in tracker.take_nacked():
+                    self._send_pending(pending)
+                    self._stats["republished"] += 1
+            except BramaError:
+                raise
+            except RECOVERABLE_ERRORS as exc:
+                self._lost = exc  # the next call reconnects (and republishes)
+        return tracker.settled_through()
 
     # -- consuming ---------------------------------------------------------------
-    def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` s for a delivery, then return what is buffered."""
+    def fetch(
+        self, max_messages: int, timeout: float, until: Callable[[], bool] | None = None
+    ) -> list[Delivery]:
+        """Wait up to ``timeout`` s for a delivery, then return what is buffered.
+
+        ``until``: also stop waiting (returning what is buffered, maybe nothing) as soon
+        as it returns True; checked while frames are processed, e.g. as confirms arrive.
+        """
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
         deadline = time.monotonic() + max(0.0, timeout)
         buffer = self._buffer
+        if until is None:
+            def ready() -> bool:
+                return bool(buffer) or self._cancelled
+        else:
+            def ready() -> bool:
+                return bool(buffer) or self._cancelled or until()
         while True:
             self._ensure()
             try:
                 if self._cancelled:
                     raise BrokerUnavailableError("consumer cancelled by the broker")
                 if not buffer:
-                    self._drain_until(deadline, lambda: bool(buffer) or self._cancelled)
+                    self._drain_until(deadline, ready)
                 if buffer:
                     self._drain_nowait(lambda: len(buffer) >= max_messages)
                 if self._cancelled and not buffer:
@@ -523,7 +892,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
                 self._recover(exc)
             except RECOVERABLE_ERRORS as exc:
                 self._recover(exc)
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (until is not None and until()):
                 break
         n = min(max_messages, len(buffer))
         epoch = self._epoch
@@ -555,37 +924,20 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         pending, and they go out when a later call reconnects. Transient ones are lost.
         """
         i, n = 0, len(events)
-        registered = -1
         exchange = self._t.topology.events_exchange
         tracker = self._tracker
         try:
             while i < n:
                 self._ensure()
+                self._handed = i
                 try:
-                    confirm = self._confirm
-                    while i < n:
-                        ev = events[i]
-                        if ev.critical:
-                            msg = _event_message(ev, 2)
-                            pending = tracker.new(exchange, ev.routing_key, msg)
-                            tracker.register(pending)
-                            registered = i
-                            self._stats["published"] += 1
-                            _publish(confirm, msg, exchange, ev.routing_key, True)
-                        else:
-                            # Same channel as the critical ones, so one connection's events
-                            # reach a queue in seq order; the tag is used but not tracked
-                            # (nobody waits for a transient event's confirm).
-                            tracker.next_tag += 1
-                            _publish(confirm, _event_message(ev, 1), exchange, ev.routing_key,
-                                     False)
-                            self._stats["transient"] += 1
-                        i += 1
+                    i = self._send_events(events, i, exchange)
                 except BramaError:
                     raise
                 except RECOVERABLE_ERRORS as exc:
-                    if registered == i:
-                        i += 1  # it is pending: the recovery republishes it
+                    # Critical events up to here are pending: the recovery republishes
+                    # them. Transient ones that were in the failed write are lost.
+                    i = self._handed
                     self._recover(exc)
         except BramaError:
             for ev in events[i:]:
@@ -593,6 +945,71 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
                     tracker.defer(tracker.new(exchange, ev.routing_key, _event_message(ev, 2)))
                     self._stats["published"] += 1
             raise
+
+    def _send_events(self, events: Sequence[Outgoing], i: int, exchange: str) -> int:
+        """Publish ``events[i:]`` on the confirm channel, framed here and written in few
+        writes; returns ``len(events)``. ``self._handed`` tracks how far they were handed
+        over (registered as pending if critical), for the caller's recovery.
+
+        Every event goes on the confirm channel, so one connection's events reach a queue
+        in seq order; a transient one takes a tag nobody waits for.
+        """
+        conn = self._conn
+        confirm = self._confirm
+        tracker = self._tracker
+        stats = self._stats
+        batched = _BATCHED_FRAMING
+        channel_id = confirm.channel_id
+        frame_max = conn.frame_max
+        exchange_word = _shortstr(exchange) or b""
+        parts: list[bytes] = []
+        size = 0
+        n = len(events)
+        for j in range(i, n):
+            ev = events[j]
+            critical = ev.critical
+            framed = (
+                _frame_publish(parts, channel_id, exchange_word, ev, 2 if critical else 1,
+                               critical, frame_max)
+                if batched and exchange_word
+                else 0
+            )
+            if not framed:  # py-amqp frames this one, after what is waiting
+                if parts:
+                    self._write(conn, parts)
+                    parts, size = [], 0
+                if critical:
+                    pending = tracker.new(exchange, ev.routing_key, _event_message(ev, 2))
+                    self._handed = j + 1
+                    stats["published"] += 1
+                    self._send_pending(pending)
+                else:
+                    tracker.next_tag += 1
+                    self._handed = j + 1
+                    stats["transient"] += 1
+                    _publish(confirm, _event_message(ev, 1), exchange, ev.routing_key, False)
+                continue
+            if critical:
+                pending = tracker.new(exchange, ev.routing_key, None)
+                pending.event = ev
+                tracker.register(pending)
+                stats["published"] += 1
+            else:
+                tracker.next_tag += 1
+                stats["transient"] += 1
+            self._handed = j + 1
+            size += framed
+            if size >= _WRITE_CHUNK:
+                self._write(conn, parts)
+                parts, size = [], 0
+        if parts:
+            self._write(conn, parts)
+        return n
+
+    @staticmethod
+    def _write(conn: Any, parts: list[bytes]) -> None:
+        conn.transport.write(b"".join(parts))
+        conn.bytes_sent += 1  # heartbeats: data went out
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Copy ``delivery`` to the dead exchange with ``x-brama-error``, confirmed."""
