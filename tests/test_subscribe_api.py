@@ -240,8 +240,7 @@ def test_unsubscribe_with_a_filter_removes_exactly_the_covered_bindings(stack: S
 def test_stalled_transient_consumer_drops_oldest_and_counts(
     stack: Stack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stalled transient subscriber keeps max_length events (the newest), counts every
-    one it dropped, exactly, and says so in the log; the others are not held back."""
+    """A stalled transient subscriber keeps the newest max_length events, logs exact drops."""
     import logging
 
     logger = logging.getLogger("brama_mq.subscribe")

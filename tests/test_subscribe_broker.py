@@ -63,8 +63,7 @@ def _delivered(sub: brama_mq.Subscription) -> int:
 
 
 def test_each_filter_shape_receives_exactly_its_events(stack: Stack) -> None:
-    """Every filter shape (one shared queue) and a named subscription get exactly the events
-    the core's topic matcher selects for their bindings, in order, and nothing else."""
+    """Each filter shape gets exactly the events the core's matcher selects, in order."""
     t = stack.transport
     subs = {label: brama_mq.subscribe(**kw, transport=t) for label, kw in _shapes().items()}
     name = _name()
@@ -137,8 +136,7 @@ def test_unsubscribe_everything_closes_all_and_drops_the_process_queue(stack: St
 
 
 def test_same_filter_twice_is_one_binding_and_one_delivery(stack: Stack) -> None:
-    """Two subscriptions with one filter share the queue: each event crosses the wire once,
-    and the same handler subscribed twice is called once per event."""
+    """One filter subscribed twice: one copy on the wire, one call per event per handler."""
     t = stack.transport
     calls: list[tuple[str | None, str, int]] = []
 
@@ -195,8 +193,7 @@ def test_named_batch_is_acked_only_after_its_handler_returned(stack: Stack) -> N
 
 
 def test_named_quorum_queue_with_delivery_limit_and_dead_letters(stack: Stack) -> None:
-    """quorum=True declares a quorum queue that dead-letters to {p}.sub.<name>.dead; a handler
-    that keeps raising ends there with its error once max_deliveries is reached."""
+    """quorum=True makes a quorum queue; a handler that keeps raising dead-letters its event."""
     t = stack.transport
     name = _name()
     failures: list[int] = []
@@ -236,8 +233,7 @@ def test_named_quorum_queue_with_delivery_limit_and_dead_letters(stack: Stack) -
 
 
 def test_republished_event_is_delivered_once(stack: Stack, broker_url: str) -> None:
-    """An event published twice (a republish after a lost confirm) reaches each subscriber
-    once: duplicates are dropped by (scope, connection, seq)."""
+    """An event published twice reaches each subscriber once (deduplicated by seq)."""
     t = stack.transport
     name = _name()
     transient = brama_mq.subscribe(connection="c", transport=t)

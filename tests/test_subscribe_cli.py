@@ -134,8 +134,7 @@ class _Hook(BaseHTTPRequestHandler):
 def test_monitor_worker_alerts_when_a_circuit_opens(
     stack: Stack, broker_url: str, prefix: str
 ) -> None:
-    """workers/monitor.py logs an ALERT and POSTs the webhook when a circuit opens, and
-    exits 0 on SIGTERM."""
+    """workers/monitor.py logs an ALERT and POSTs the webhook when a circuit opens."""
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Hook.received = []

@@ -93,8 +93,7 @@ def test_sigkill_inside_the_handler_redelivers_after_restart(
     amqp_transport: AmqpTransport, broker_url: str, prefix: str, tmp_path: Path,
     children: list[Child],
 ) -> None:
-    """A named subscriber killed with SIGKILL inside its handler gets that event again
-    when it starts again (at-least-once), and the events it had finished stay done."""
+    """A named subscriber SIGKILLed in its handler gets that event again after a restart."""
     name = f"victim{uuid.uuid4().hex[:6]}"
     out = tmp_path / "events.txt"
     try:
@@ -126,8 +125,7 @@ def test_three_competing_processes_handle_each_of_1000_events_once(
     amqp_transport: AmqpTransport, broker_url: str, prefix: str, tmp_path: Path,
     children: list[Child],
 ) -> None:
-    """Three processes subscribed with one name share 1,000 events: each is handled exactly
-    once between them, and every process takes part."""
+    """Three processes sharing one name handle each of 1,000 events exactly once in all."""
     name = f"workers{uuid.uuid4().hex[:6]}"
     conns = [f"c{i}" for i in range(10)]
     try:
@@ -186,10 +184,7 @@ def test_stopped_transient_subscriber_stays_bounded_while_the_owner_keeps_its_sp
     amqp_transport: AmqpTransport, broker_url: str, prefix: str, tmp_path: Path,
     children: list[Child],
 ) -> None:
-    """A transient subscriber whose process is stopped (SIGSTOP) costs the broker at most
-    queue_length queued events and puts no backpressure on the owner (no slower than with
-    the same subscriber consuming); resumed, it reports every event it did not get as
-    dropped (handled + dropped == published)."""
+    """A SIGSTOPped subscriber stays bounded, slows no owner, counts what it missed."""
     t = amqp_transport
     conns = [f"k{i}" for i in range(20)]
     n, limit = 3000, 200
