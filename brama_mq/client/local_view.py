@@ -113,7 +113,7 @@ class LocalView:
         transport: Transport | None = None,
         max_staleness: float = 30.0,
         fail_mode: str = FAIL_OPEN,
-        poll_interval: float = 0.25,
+        poll_interval: float | None = None,
         snapshot_timeout: float | None = None,
     ) -> None:
         if fail_mode not in FAIL_MODES:
@@ -124,7 +124,12 @@ class LocalView:
         self.transport = transport if transport is not None else client.transport
         self.max_staleness = float(max_staleness)
         self.fail_mode = fail_mode
-        self.poll_interval = poll_interval
+        #: How long one wait for events lasts: each return is a contact with the broker,
+        #: so it stays well under max_staleness; otherwise 1 s (few wake-ups).
+        self.poll_interval = (
+            min(1.0, self.max_staleness / 4) if poll_interval is None else poll_interval
+        )
+        self._source: EventSource | None = None
         self.snapshot_timeout = snapshot_timeout
         self.pid = os.getpid()
         #: The read table: closed circuits only, and only while the view is usable.
@@ -185,6 +190,12 @@ class LocalView:
         self._stop.set()
         with self._lock:
             self.closed = _NOTHING
+        wake = getattr(self._source, "wake", None)
+        if wake is not None:  # a pump waiting for events returns now
+            try:
+                wake()
+            except Exception:
+                log.debug("waking the view's event source failed", exc_info=True)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
@@ -432,7 +443,7 @@ class LocalView:
             while not self._stop.is_set() and not self._dead:
                 try:
                     if source is None:
-                        source = self._open_source()
+                        source = self._source = self._open_source()
                         reconnects = _reconnects(source)
                         self._need_sync = True
                         self._next_sync = 0.0
