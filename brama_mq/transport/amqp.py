@@ -129,6 +129,10 @@ _FRAME_OVERHEAD = 40
 _BASIC_ACK_SIG = (60, 80)
 _BASIC_ACK = struct.pack(">HH", *_BASIC_ACK_SIG)
 _ACK_ARGS = struct.Struct(">QB")
+#: basic.deliver (class 60, method 60); its delivery tag and bits follow the consumer tag.
+_BASIC_DELIVER = struct.pack(">HH", 60, 60)
+_DELIVER_TAG = struct.Struct(">QB")
+_BODY_SIZE = struct.Struct(">Q")
 #: Flush the framed events to the socket at about this size.
 _WRITE_CHUNK = 32 * 1024
 _PROPS_CACHE: dict[tuple[str | None, int], bytes | None] = {}
@@ -287,18 +291,30 @@ class _FrameReader:
                 return frame
             self._add(self._recv(0))
 
-    def fill_nowait(self) -> bool | None:
-        """Add what the kernel has without waiting: True if it had something, False if
-        not, None when this socket cannot be read that way (the caller falls back)."""
+    def fill_nowait(self) -> bool:
+        """Add what the kernel has without waiting: True if it had something, else False."""
         sock = self.transport.sock
-        if not _DONTWAIT or sock is None or sock.gettimeout() is not None:
-            return None
+        if sock is None:
+            raise OSError("socket closed")
+        if not _DONTWAIT or sock.gettimeout() is not None:
+            # No MSG_DONTWAIT, or a timeout set: ask first, then read what is there.
+            if not select.select([sock], [], [], 0)[0]:
+                return False
+            self._add(self._recv(0))
+            return True
         try:
             data = self._recv(_DONTWAIT)
         except (BlockingIOError, TimeoutError):
             return False
         self._add(data)
         return True
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the socket to become readable (or fail)."""
+        sock = self.transport.sock
+        if sock is None:
+            raise OSError("socket closed")
+        select.select([sock], [], [], timeout)
 
     def _recv(self, flags: int) -> bytes:
         transport = self.transport
@@ -325,6 +341,63 @@ class _FrameReader:
     def _add(self, data: bytes) -> None:
         self.buf = self.buf[self.pos :] + data if self.pos < len(self.buf) else data
         self.pos = 0
+
+
+def _deliver_args(payload: bytes) -> tuple[str, int, bool, str, str]:
+    """basic.deliver's arguments (consumer tag, delivery tag, redelivered, exchange,
+    routing key) from its method frame, decoded as py-amqp's ``loads("sLbss", ...)``."""
+    n = payload[4]
+    consumer_tag = payload[5 : 5 + n].decode("utf-8", "surrogatepass")
+    offset = 5 + n
+    delivery_tag, bits = _DELIVER_TAG.unpack_from(payload, offset)
+    offset += 9
+    n = payload[offset]
+    exchange = payload[offset + 1 : offset + 1 + n].decode("utf-8", "surrogatepass")
+    offset += 1 + n
+    n = payload[offset]
+    routing_key = payload[offset + 1 : offset + 1 + n].decode("utf-8", "surrogatepass")
+    return consumer_tag, delivery_tag, bool(bits & 1), exchange, routing_key
+
+
+def _deliver_parsing_matches() -> bool:
+    """Whether :func:`_deliver_args` reads what py-amqp reads (checked at import)."""
+    try:
+        from amqp.serialization import dumps, loads
+
+        for args in (("ctag", 7, True, "ex", "owner.3"), ("é" * 3, 2**40, False, "", "k")):
+            payload = _BASIC_DELIVER + dumps("sLbss", args)
+            theirs, _ = loads("sLbss", payload, 4)
+            if list(_deliver_args(payload)) != list(theirs):
+                return False
+        return True
+    except Exception:
+        log.debug("own basic.deliver parsing disabled", exc_info=True)
+        return False
+
+
+_OWN_DELIVER = _deliver_parsing_matches()
+
+
+class _Inbound:
+    """A delivery as the owner link's consumer callback sees it: what py-amqp's Message
+    offers to :func:`_to_delivery` (body, properties, delivery_info, channel)."""
+
+    __slots__ = ("body", "channel", "delivery_info", "properties")
+
+    def __init__(
+        self, body: Any, channel: Any, delivery_info: dict[str, Any], properties: dict[str, Any]
+    ) -> None:
+        self.body = body
+        self.channel = channel
+        self.delivery_info = delivery_info
+        self.properties = properties
+
+
+def _unexpected(message: str) -> Exception:
+    from amqp.exceptions import UnexpectedFrame
+
+    error: Exception = UnexpectedFrame(message)
+    return error
 
 
 def _install_reader(conn: Any) -> _FrameReader | None:
@@ -707,6 +780,9 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         self._confirm: Any = None
         self._consume: Any = None
         self._reader: _FrameReader | None = None
+        #: A basic.deliver whose content frames are still coming: [args, properties,
+        #: body size, body chunks, bytes received]; see _on_consume_frame.
+        self._partial: list[Any] | None = None
         self._handed = 0
         self._stats = {
             "published": 0,
@@ -747,6 +823,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         )
         self._plain, self._confirm, self._consume = plain, confirm, consume
         self._reader = _install_reader(conn)
+        self._partial = None
         for pending in self._tracker.restart():
             self._send_pending(pending)
             self._stats["republished"] += 1
@@ -755,12 +832,16 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         self._buffer.clear()
         self._plain = self._confirm = self._consume = None
         self._reader = None
+        self._partial = None
 
     def _drain_nowait(self, enough: Callable[[], bool]) -> None:
         """Process frames already received without waiting, until ``enough()``.
 
         Complete frames are taken from the buffered reader and the socket is read with
         ``MSG_DONTWAIT``, so no timeout is switched per frame (see :class:`_FrameReader`).
+        Every frame of this connection goes through here once the reader is installed
+        (:meth:`_drain_until` waits with select, replies skip py-amqp's drain), so the
+        deliveries taken over by :meth:`_on_consume_frame` never reach py-amqp half-read.
         """
         reader = self._reader
         if reader is None:
@@ -775,15 +856,22 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         pending: Any = getattr(confirm, "_pending", None)
         confirm_id = confirm.channel_id if pending is not None else -1
         on_ack = confirm.events["basic_ack"] if pending is not None else ()
+        # So are basic.deliver and its content frames on the consume channel.
+        consume = self._consume
+        consume_id = consume.channel_id if consume is not None and _OWN_DELIVER else -1
+        on_consume = self._on_consume_frame
         while not enough():
             frame = next_frame()
             if frame is None:
-                got = reader.fill_nowait()
-                if got is None:
-                    super()._drain_nowait(enough)
+                if not reader.fill_nowait():
                     return
-                if not got:
-                    return
+                continue
+            if frame[1] == consume_id and (
+                self._partial is not None
+                or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
+            ):
+                conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
+                on_consume(frame)
                 continue
             if (
                 frame[1] == confirm_id
@@ -800,8 +888,12 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
             on_frame(frame)
 
     def _drain_until(self, deadline: float, done: Callable[[], bool]) -> None:
-        """Like the base class, but takes what is already buffered before blocking."""
-        conn = self._conn
+        """Like the base class, but every frame goes through :meth:`_drain_nowait`: it
+        waits for the socket with select and reads without waiting."""
+        reader = self._reader
+        if reader is None:
+            super()._drain_until(deadline, done)
+            return
         while not done():
             self._drain_nowait(done)
             if done():
@@ -809,9 +901,60 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=min(remaining, self._max_wait))
+            reader.wait(min(remaining, self._max_wait))
             self._tick()
+
+    def _on_consume_frame(self, frame: tuple[int, int, bytes]) -> None:
+        """A frame of a basic.deliver on the consume channel, assembled and handed to the
+        consumer callback as py-amqp's frame handler and Channel would, without them."""
+        frame_type, _, payload = frame
+        partial = self._partial
+        body: Any
+        if partial is None:  # the method frame (checked by the caller)
+            self._partial = [_deliver_args(payload), None, 0, [], 0]
+            return
+        if frame_type == 2 and partial[1] is None:
+            size = _BODY_SIZE.unpack_from(payload, 4)[0]
+            from amqp.serialization import decode_properties_basic
+
+            partial[1] = decode_properties_basic(payload, 12)[0]
+            partial[2] = size
+            if size:
+                return
+            body = b""
+        elif frame_type == 3 and partial[1] is not None:
+            chunks: list[bytes] = partial[3]
+            chunks.append(payload)
+            partial[4] += len(payload)
+            if partial[4] < partial[2]:
+                return
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        else:
+            expected = 2 if partial[1] is None else 3
+            raise _unexpected(f"Received frame {frame_type} while expecting type: {expected}")
+        self._partial = None
+        consume = self._consume
+        if consume.is_closing:
+            return  # py-amqp ignores what arrives on a closing channel
+        consumer_tag, delivery_tag, redelivered, exchange, routing_key = partial[0]
+        properties: dict[str, Any] = partial[1] if partial[1] is not None else {}
+        if consume.auto_decode and "content_encoding" in properties:
+            with contextlib.suppress(Exception):  # as py-amqp: keep the bytes if it fails
+                body = body.decode(properties["content_encoding"])
+        info = {
+            "consumer_tag": consumer_tag,
+            "delivery_tag": delivery_tag,
+            "redelivered": redelivered,
+            "exchange": exchange,
+            "routing_key": routing_key,
+        }
+        callback = consume.callbacks.get(consumer_tag)
+        if callback is None:  # as py-amqp: nobody consumes with that tag
+            log.warning("rejecting delivery %s for unknown consumer %r", delivery_tag,
+                        consumer_tag)
+            consume.basic_reject(delivery_tag, requeue=True)
+            return
+        callback(_Inbound(body, consume, info, properties))
 
     def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         # Unroutable (nobody bound): counted, not retried; its ack follows. Events with
@@ -1071,7 +1214,8 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         for attempt in range(2):
             self._ensure()
             try:
-                self._plain.basic_publish(msg, "", reply_to)
+                # Not basic_publish: its frame drain would bypass _drain_nowait.
+                _publish(self._plain, msg, "", reply_to, False)
                 self._stats["replies"] += 1
                 return
             except BramaError:
