@@ -416,8 +416,9 @@ class Guard:
 
     # ------------------------------------------------------------------ after
     def _outbox(self) -> Outbox:
+        # No pid check here: an after-fork hook clears the runtime in a child.
         runtime = self.client._guard_runtime
-        if runtime is None or runtime.pid != os.getpid():
+        if runtime is None:
             runtime = runtime_for(self.client, wait=False)
         return runtime.outbox
 

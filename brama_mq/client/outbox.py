@@ -85,6 +85,7 @@ def coalesce(reports: list[Report]) -> list[Report]:
     outcome or a permit release ends the run). The owner applies ``count`` successes
     exactly as that many single ones (one ``success`` event, with ``data.count``)."""
     out: list[Report] = []
+    extra: dict[int, tuple[int, int]] = {}  # index in out -> (successes added, last ts)
     runs: dict[tuple[str, str | None], int] = {}
     for r in reports:
         key = (r.connection, r.scope)
@@ -94,11 +95,14 @@ def coalesce(reports: list[Report]) -> list[Report]:
                 runs[key] = len(out)
                 out.append(r)
             else:
-                merged = out[at]
-                out[at] = merged._replace(ts_ns=r.ts_ns, times=merged.times + r.times)
+                added, _ = extra.get(at, (0, 0))
+                extra[at] = (added + r.times, r.ts_ns)
         else:
             runs.pop(key, None)
             out.append(r)
+    for at, (added, ts_ns) in extra.items():
+        first = out[at]
+        out[at] = first._replace(ts_ns=ts_ns, times=first.times + added)
     return out
 
 
