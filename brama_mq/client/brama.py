@@ -113,10 +113,12 @@ class Brama:
         scope: str | None,
         *,
         timeout: float | None = None,
+        key: str | None = None,
         **options: Any,
     ) -> Any:
+        """One RPC to the owner (of ``key``, default the connection's shard)."""
         command = make_command(op, connection, scope, options=options, now_ms=wall_clock_ms())
-        key = self._route(scope, connection)
+        key = self._route(scope, connection) if key is None else key
         wait = self.request_timeout if timeout is None else timeout
         reply: Reply = decode_reply(self.link.request(encode_command(command), wait, key))
         if not reply.ok:
@@ -263,15 +265,11 @@ class Brama:
         ``timeout``: seconds to wait for each shard's answer (default ``request_timeout``).
         """
         shards = self.transport.topology.shards
-        wait = self.request_timeout if timeout is None else timeout
         out: list[dict[str, Any]] = []
         for k in range(shards):
-            command = make_command("snapshot", None, scope, now_ms=wall_clock_ms())
             key = "owner" if shards <= 1 else f"owner.{k}"
-            reply = decode_reply(self.link.request(encode_command(command), wait, key))
-            if not reply.ok:
-                raise CommandRejectedError("invalid", reply.error or "snapshot refused")
-            out.extend(reply.result["connections"])
+            result = self._query("snapshot", None, scope, timeout=timeout, key=key)
+            out.extend(result["connections"])
         return out
 
     def acquire_probe(
