@@ -225,6 +225,9 @@ BAD_SETTINGS = [
     ({}, ["--shard", "-1"], "--shard"),
     ({"BRAMA_SHARDS": "4"}, [], "--shard"),
     ({}, ["--shards", "3"], "--shard"),
+    ({"BRAMA_RECONNECT_TIMEOUT": "soon"}, [], "BRAMA_RECONNECT_TIMEOUT"),
+    ({}, ["--reconnect-timeout", "-1"], "--reconnect-timeout"),
+    ({"BRAMA_SNAPSHOT_INTERVAL": "0"}, [], "BRAMA_SNAPSHOT_INTERVAL"),
 ]
 
 

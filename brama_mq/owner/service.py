@@ -26,6 +26,7 @@ lets the broker's queues go idle and sync at once rather than on their timer).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import uuid
@@ -59,6 +60,7 @@ _PING_EVERY_S = 0.5
 #: How long a standby waits for journal records per turn (it also checks the queue).
 _STANDBY_POLL_S = 0.05
 _CATCH_UP_TIMEOUT_S = 60.0
+_MAX_OUTAGE_PAUSE_S = 5.0
 
 
 def wall_clock_ms() -> int:
@@ -154,6 +156,7 @@ class Owner:
         self._base_n = 0  # self._n when this owner took over
         self._acked_n = 0  # the last journal batch whose events are all confirmed
         self._last_ping = 0.0
+        self._outages_in_a_row = 0
         self._last_snapshot = time.monotonic()
         self._snapshot_n = -1
         self._journal_stream = transport.topology.journal_stream(shard)
@@ -222,6 +225,7 @@ class Owner:
                         self.step(link)
                     else:
                         self._standby_step(link)
+                    self._outages_in_a_row = 0
                 except BrokerUnavailableError as exc:
                     if self._stop.is_set():
                         raise
@@ -246,12 +250,16 @@ class Owner:
 
     # ------------------------------------------------------------------ failover
     def _outage(self, exc: BaseException) -> None:
-        """The broker stayed away past the link's reconnect window: keep trying."""
+        """The broker stayed away past the link's reconnect window: keep trying, with
+        capped exponential backoff between rounds (a stop ends the wait at once)."""
         self.stats.outages += 1
-        log.warning("broker unavailable (%s); still retrying", exc)
+        n = self._outages_in_a_row = self._outages_in_a_row + 1
+        pause = min(_MAX_OUTAGE_PAUSE_S, 0.1 * 2 ** min(n, 10)) * random.uniform(0.5, 1.0)
+        log.warning("broker unavailable (%s); still retrying (round %d, next in %.1f s)",
+                    exc, n, pause)
         if self._journaled:
             self._step_down("the broker went away")
-        time.sleep(0.1)
+        self._stop.wait(pause)
 
     def _step_down(self, why: str) -> None:
         """Stop acting as the active owner: another may have the queue by now, so the
@@ -381,6 +389,8 @@ class Owner:
             if age < 3 * self.snapshot_interval:
                 return  # wait for a moment with every batch confirmed
             self._settle(link, block=True)
+            if link.epoch != self._active_epoch:  # type: ignore[attr-defined]
+                return  # reconnected meanwhile: step() steps down first
         self._snapshot(link)
 
     def _snapshot(self, link: OwnerLink) -> None:
