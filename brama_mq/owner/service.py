@@ -43,7 +43,7 @@ from brama_mq.owner.failover import Replica, supports_journal
 from brama_mq.owner.journal import BATCH, TAKEOVER, AppliedIds, JournalWriter, encode_snapshot
 from brama_mq.owner.queries import answer_query
 from brama_mq.protocol import QUERY_OPS, Reply, decode_command, encode_event, encode_reply
-from brama_mq.transport.base import PING_HEADER, Delivery, Outgoing, OwnerLink, Transport
+from brama_mq.transport.base import PING_BODY, PING_HEADER, Delivery, Outgoing, OwnerLink, Transport
 
 log = logging.getLogger("brama_mq.owner")
 
@@ -477,7 +477,7 @@ class Owner:
         jw = self._jw
         applied_ids = self.applied
         for delivery in deliveries:
-            if not delivery.body and PING_HEADER in delivery.headers:
+            if delivery.body == PING_BODY and PING_HEADER in delivery.headers:
                 stats.pings += 1
                 continue
             stats.commands += 1

@@ -49,6 +49,7 @@ from brama_mq.errors import (
 )
 from brama_mq.transport.base import (
     JSON,
+    PING_BODY,
     PING_HEADER,
     Delivery,
     Outgoing,
@@ -1213,7 +1214,8 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
 
     def ping(self) -> None:
         """An empty transient message with PING_HEADER to this link's own owner queue."""
-        msg = Message(b"", delivery_mode=1, application_headers={PING_HEADER: 1})
+        msg = Message(PING_BODY, delivery_mode=1, content_type=JSON,
+                      application_headers={PING_HEADER: 1})
         topology = self._t.topology
         self._ensure()
         try:

@@ -15,6 +15,7 @@ from brama_mq.transport.topology import Topology
 
 __all__ = [
     "JSON",
+    "PING_BODY",
     "PING_HEADER",
     "ClientLink",
     "Delivery",
@@ -35,6 +36,8 @@ JSON = "application/json"
 #: the active consumer sends to its own queue (see docs/protocol.md). The active owner
 #: acks it and applies nothing; a standby that receives one knows it has the queue.
 PING_HEADER = "x-brama-owner-ping"
+#: A ping's body: an empty JSON object (so a tool that parses the queue is not upset).
+PING_BODY = b"{}"
 #: Where a stream reader starts: "first", "last" (the last chunk), "next", or an offset.
 StreamStart: TypeAlias = str | int
 

@@ -23,6 +23,7 @@ from brama_mq.core.matcher import TopicMatcher
 from brama_mq.errors import RequestTimeoutError, TransportError
 from brama_mq.transport.base import (
     JSON,
+    PING_BODY,
     PING_HEADER,
     Delivery,
     Outgoing,
@@ -486,9 +487,9 @@ class MemoryOwnerLink(_MemoryConsumer):
     def ping(self) -> None:
         """Send an owner ping to the owner queue (see AmqpOwnerLink.ping)."""
         exchange = self._t.topology.commands_exchange
-        props = {"headers": {PING_HEADER: 1}, "delivery_mode": 1}
+        props = {"headers": {PING_HEADER: 1}, "delivery_mode": 1, "content_type": JSON}
         self._broker.publish(exchange, self._owner_key, _Message(exchange, self._owner_key,
-                                                                 b"", props))
+                                                                 PING_BODY, props))
 
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
         """Answer an RPC; a reply to a caller that is gone is dropped, as on RabbitMQ."""
