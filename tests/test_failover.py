@@ -275,7 +275,8 @@ def test_full_restart_restores_the_registry(setup: Setup) -> None:
     connections, policies, failure counts and open circuits come back; an open circuit's
     deadline is absolute, so it stays open for what is left of its expiry, and one whose
     expiry passed during the downtime half-opens at once (the new owner says so);
-    ``seq`` goes on. A graceful stop and start keeps it all too."""
+    ``seq`` goes on. A graceful stop and start keeps it all too, and so does a restart
+    of the whole deployment, broker included."""
     first = setup.start_worker(BRAMA_SNAPSHOT_INTERVAL="1")
     client = setup.client
     client.register("pol", scope="f", wait=True, max_attempts=7, expiry_ms=600_000,
@@ -326,6 +327,27 @@ def test_full_restart_restores_the_registry(setup: Setup) -> None:
     assert "replica restored a snapshot" in third.output()
     third.terminate()
     assert third.wait(20) == 0
+
+    setup.node.restart()  # everything down: only the broker's disk remembers
+    fourth = setup.start_worker()
+    restarted = _wait_statuses(setup)
+    assert {k: (v["state"], v["seq"], v["failure_count"], v["policy"])
+            for k, v in restarted.items()} == {
+        k: (v["state"], v["seq"], v["failure_count"], v["policy"]) for k, v in mid.items()}
+    fourth.terminate()
+    assert fourth.wait(20) == 0
+
+
+def _wait_statuses(setup: Setup, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+    """Statuses, retrying while the client reconnects after a node restart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return setup.statuses()
+        except BramaError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
 
 
 # -- broker restarts ------------------------------------------------------------------

@@ -160,7 +160,8 @@ def test_memory_standby_takes_over_and_a_restart_restores(
 ) -> None:
     """On the embedded transport: the standby owner replays the journal, takes the queue
     when the active one dies (its link closed without a goodbye), and knows every
-    connection; later a fresh owner restores it all from the snapshot plus journal."""
+    connection; timers fire on the active owner only; later a fresh owner restores it all
+    from the snapshot plus journal."""
     first = run_owner(memory_transport)
     client = Brama(transport=memory_transport)
     try:
@@ -170,7 +171,13 @@ def test_memory_standby_takes_over_and_a_restart_restores(
         for _ in range(30):
             client.failure("x", scope="s")
         _wait(lambda: second.engine.status("s", "x")["failure_count"] == 30)
+        client.register("short", scope="s", wait=True)
+        client.open("short", scope="s", expiry_ms=50, wait=True)
+        _wait(lambda: client.status("short", scope="s")["state"] == "half_open")
+        _wait(lambda: second.engine.status("s", "short")["state"] == "half_open")
+        # The standby replays the expiry the active owner journaled; it publishes nothing.
         assert not second.active and second.stats.commands == 0
+        assert second.stats.events == 0 and first.stats.events > 0
         assert first._link is not None
         first._link.close()  # a crash: unacked commands go back to the queue
         for _ in range(5):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from brama_mq.core.engine import Engine
-from brama_mq.errors import BramaError
+from brama_mq.errors import BramaError, BrokerUnavailableError
 from brama_mq.owner.journal import TAKEOVER, Follower, Snapshot, SnapshotMismatch
 from brama_mq.transport.base import StreamReader, Transport
 
@@ -43,7 +43,9 @@ def latest_snapshot(transport: Any, stream: str, lineage: str) -> Snapshot | Non
     """The newest decodable snapshot of ``lineage`` in ``stream`` (None if there is none)."""
     reader: StreamReader = transport.stream_reader(stream, offset="last")
     try:
-        records = reader.read(_SNAPSHOT_FIRST_WAIT_S)
+        # A reader that can tell it is at the end of an empty stream saves the wait.
+        empty = getattr(reader, "exhausted", False)
+        records = reader.read(0.0 if empty else _SNAPSHOT_FIRST_WAIT_S)
         while records and (more := reader.read(_SNAPSHOT_MORE_WAIT_S)):
             records.extend(more)
     finally:
@@ -120,12 +122,17 @@ class Replica:
                 return len(records)
         return len(records)
 
-    def catch_up(self, token: str, timeout: float) -> None:
+    def catch_up(
+        self, token: str, timeout: float, stopping: Callable[[], bool] = lambda: False
+    ) -> None:
         """Read until the takeover record of ``token`` (appended by the caller) arrives;
-        every record before it is applied. BramaError if it does not come in time."""
+        every record before it is applied. BramaError if it does not come in time,
+        BrokerUnavailableError if ``stopping()`` turns true first."""
         assert self.reader is not None
         deadline = time.monotonic() + timeout
         while True:
+            if stopping():
+                raise BrokerUnavailableError("stopped while catching up with the journal")
             restarted = False
             for _, body in self.reader.read(0.2):
                 try:

@@ -320,7 +320,7 @@ class Owner:
         assert replica is not None and self._jw is not None
         token = uuid.uuid4().hex[:16]
         link.append(self._journal_stream, self._jw.takeover(token))  # type: ignore[attr-defined]
-        replica.catch_up(token, _CATCH_UP_TIMEOUT_S)
+        replica.catch_up(token, _CATCH_UP_TIMEOUT_S, self._stop.is_set)
         follower = replica.follower
         engine = follower.engine
         if (

@@ -539,6 +539,12 @@ class MemoryStreamReader:
             else:
                 raise ValueError(f"bad stream offset {offset!r}")
 
+    @property
+    def exhausted(self) -> bool:
+        """Whether every record so far has been read."""
+        with self._broker.lock:
+            return self._pos >= len(self._broker.streams.get(self._name, ()))
+
     def read(self, timeout: float) -> list[tuple[int, bytes]]:
         """Wait up to ``timeout`` s for records after the position; return what is there."""
         deadline = time.monotonic() + max(0.0, timeout)
