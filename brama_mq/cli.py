@@ -139,6 +139,7 @@ def worker(
             "worker starting: broker %s, prefix %s", settings.safe_broker_url, settings.prefix
         )
         owner.run()
+        logging.getLogger("brama_mq.owner").info("worker stopped: %s", owner.stats.summary())
         transport.close()
     except BramaError as exc:
         _fail(f"{exc} (broker {settings.safe_broker_url})")

@@ -98,6 +98,15 @@ class OwnerStats:
     batches: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One log line that accounts for every command (in = applied + queries + dead)."""
+        reasons = ",".join(f"{k}:{v}" for k, v in sorted(self.by_reason.items())) or "-"
+        return (
+            f"commands={self.commands} applied={self.applied} queries={self.queries} "
+            f"dead_lettered={self.dead_lettered} events={self.events} "
+            f"critical_events={self.critical_events} dead_reasons={reasons}"
+        )
+
 
 class Owner:
     """Runs the breakers of one shard. ``run()`` blocks; ``stop()`` ends it after the batch."""
