@@ -78,6 +78,10 @@ def demo(broker: str, prefix: str | None, seconds: float, seed: int, plain: bool
 @click.option("--shards", type=int, default=None, help="Number of shards [env BRAMA_SHARDS].")
 @click.option("--prefetch", type=int, default=None, help="Prefetch window [env BRAMA_PREFETCH].")
 @click.option("--log-level", default=None, help="Log level [env BRAMA_LOG_LEVEL; default INFO].")
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="BRAMA_METRICS_PORT",
+    help="Serve Prometheus /metrics on this port [env BRAMA_METRICS_PORT; default off].",
+)
 def worker(
     broker_url: str | None,
     prefix: str | None,
@@ -85,6 +89,7 @@ def worker(
     shards: int | None,
     prefetch: int | None,
     log_level: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Run a state owner: consume commands, run the breakers, publish events.
 
@@ -95,6 +100,7 @@ def worker(
     Examples:
       brama-mq worker
       BRAMA_BROKER_URL=amqp://user:pass@rabbit:5672/prod brama-mq worker --prefix brama
+      brama-mq worker --metrics-port 9464     # Prometheus: http://host:9464/metrics
     """
     from brama_mq.owner import Owner
     from brama_mq.transport import Topology, open_transport
@@ -138,10 +144,26 @@ def worker(
         logging.getLogger("brama_mq.owner").info(
             "worker starting: broker %s, prefix %s", settings.safe_broker_url, settings.prefix
         )
+        metrics = _serve_metrics(owner, metrics_port) if metrics_port is not None else None
         owner.run()
+        if metrics is not None:
+            metrics.close()
         transport.close()
     except BramaError as exc:
         _fail(f"{exc} (broker {settings.safe_broker_url})")
+
+
+def _serve_metrics(owner: Any, port: int) -> Any:
+    """Start the worker's /metrics endpoint, or exit 2 saying what is missing."""
+    try:
+        from brama_mq.metrics.prometheus import serve_owner_metrics
+
+        return serve_owner_metrics(owner, port)
+    except RuntimeError as exc:  # prometheus_client missing
+        _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on port {port}: {exc.strerror or exc} "
+              "(pick another --metrics-port)", EXIT_USAGE)
 
 
 @main.command()
