@@ -20,6 +20,9 @@ Settings, from the Celery app's configuration:
 ``brama_outbox_size``                 reports buffered while the broker is away (default 10,000)
 ``brama_client``                      a ready :class:`~brama_mq.client.Brama` to use instead
                                       (tests, embedding: e.g. one on a ``MemoryTransport``)
+``brama_metrics_port``                serve ``brama_guard_checks_total`` on this port from the
+                                      worker's main process (all pool processes summed);
+                                      default ``BRAMA_METRICS_PORT``, else off
 ====================================  =========================================================
 """
 
@@ -30,11 +33,17 @@ import os
 import threading
 from typing import Any, Final
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from brama_mq.client.brama import Brama
 from brama_mq.client.guard import GuardRuntime, runtime_for
 from brama_mq.client.local_view import _ORPHANS, FAIL_MODES
+from brama_mq.metrics.guard import GUARD_CHECKS
 from brama_mq.settings import Settings, SettingsError
 from brama_mq.transport import Topology, open_transport
 
@@ -194,6 +203,21 @@ def _on_process_init(**_: Any) -> None:
 
 def _on_process_shutdown(**_: Any) -> None:
     shutdown_runtimes(timeout=2.0)
+    GUARD_CHECKS.process_dead(os.getpid())
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """The worker's main process, before the pool forks: turn guard metrics on if asked."""
+    app = getattr(sender, "app", None)
+    raw = (app.conf.get("brama_metrics_port") if app is not None else None) or os.environ.get(
+        "BRAMA_METRICS_PORT"
+    )
+    if raw in (None, ""):
+        return
+    try:
+        GUARD_CHECKS.enable(int(raw))
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.error("brama guard metrics not served (brama_metrics_port=%r): %s", raw, exc)
 
 
 def _on_worker_shutdown(**_: Any) -> None:
@@ -201,6 +225,7 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 
 # Connected here (not with the decorator form, which mypy cannot see through).
+worker_init.connect(_on_worker_init, weak=False)
 worker_process_init.connect(_on_process_init, weak=False)
 worker_process_shutdown.connect(_on_process_shutdown, weak=False)
 worker_shutdown.connect(_on_worker_shutdown, weak=False)

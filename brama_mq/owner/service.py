@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from brama_mq import telemetry
 from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Engine, Result
 from brama_mq.core.events import Event
 from brama_mq.core.routing import routing_key
@@ -49,6 +50,12 @@ _MAX_IDLE_S = 0.25
 #: routes and writes them while the rest of the batch is applied.
 _PUBLISH_CHUNK = 128
 _CONFIRM_TIMEOUT_S = 30.0
+_T_START = ("brama", "owner", "start")
+_T_STOP = ("brama", "owner", "stop")
+_T_BATCH = ("brama", "owner", "batch")
+_T_EVENT = ("brama", "owner", "event")
+_T_CONFIRM = ("brama", "owner", "confirm")
+_T_DEAD = ("brama", "owner", "dead_letter")
 
 
 def wall_clock_ms() -> int:
@@ -160,6 +167,9 @@ class Owner:
         link = self._link = self.transport.owner_link(prefetch=self.prefetch, shard=self.shard)
         self.ready.set()
         log.info("owner serving %s", self.transport.topology.owner_queue(self.shard))
+        started = time.monotonic()
+        if telemetry.enabled:
+            telemetry.execute(_T_START, {"system_time": time.time()}, self._t_meta())
         try:
             while not self._stop.is_set():
                 self.step(link)
@@ -172,6 +182,9 @@ class Owner:
             self._link = None
             self._inflight.clear()  # unacked: the broker redelivers them
             link.close()
+            if telemetry.enabled:
+                telemetry.execute(_T_STOP, {"duration": time.monotonic() - started},
+                                  self._t_meta())
             self.done.set()
             log.info("owner stopped")
 
@@ -221,11 +234,15 @@ class Owner:
         """Apply and publish a batch; :meth:`_settle` acks it once it is confirmed."""
         now = self.clock_ms()
         engine = self.engine
+        # telemetry: (op, result) -> count for this batch, only while someone listens
+        ops: dict[tuple[str, str], int] | None = {} if telemetry.enabled else None
+        started = time.perf_counter()
+        stats = self.stats
+        published = (stats.events, stats.critical_events)
         events: list[Event] = list(engine.advance(now).events)
         replies: list[tuple[Delivery, bytes]] = []
         dead = 0
         critical = 0
-        stats = self.stats
         for delivery in deliveries:
             stats.commands += 1
             try:
@@ -240,6 +257,8 @@ class Owner:
                 continue
             if command.op in QUERY_OPS:
                 stats.queries += 1
+                if ops is not None:
+                    ops[(command.op, "query")] = ops.get((command.op, "query"), 0) + 1
                 if delivery.reply_to:
                     reply = answer_query(engine, command, now)
                     replies.append((delivery, encode_reply(reply)))
@@ -248,12 +267,16 @@ class Owner:
                 result = engine.apply(command, now)
             except Exception as exc:  # a bug must cost one command, not the worker
                 log.exception("applying %s failed", command.op)
+                if ops is not None:
+                    ops[(command.op, "internal")] = ops.get((command.op, "internal"), 0) + 1
                 reason = f"internal error: {exc!r}"
                 dead += self._dead_letter(link, delivery, "internal", reason)
                 if delivery.reply_to:
                     failed = Reply(ok=False, error=reason, result={"status": "internal"})
                     replies.append((delivery, encode_reply(failed)))
                 continue
+            if ops is not None:
+                ops[(command.op, result.status)] = ops.get((command.op, result.status), 0) + 1
             if result.status == APPLIED or result.status == ALREADY_REGISTERED:
                 stats.applied += 1
                 events.extend(result.events)
@@ -266,6 +289,8 @@ class Owner:
                 replies.append((delivery, encode_reply(_reply_for(result))))
         self._submit_events(link, events, deliveries[-1].delivery_tag, replies, dead + critical)
         stats.batches += 1
+        if ops is not None:
+            self._t_batch(ops, len(deliveries), dead, published, time.perf_counter() - started)
 
     def _pipelined(self, link: OwnerLink) -> PipelinedLink | None:
         """``link`` if it can keep batches in flight, else None (checked once per link:
@@ -322,6 +347,8 @@ class Owner:
         replies: list[tuple[Delivery, bytes]] = []
         for _ in range(ready):
             f = inflight.popleft()
+            if f.confirm and telemetry.enabled:
+                self._t_confirm(f.since)
             if f.ack_tag is not None:
                 ack_tag = f.ack_tag
             replies.extend(f.replies)
@@ -336,6 +363,9 @@ class Owner:
         link.dead_letter(delivery, reason)
         self.stats.dead_lettered += 1
         self.stats.by_reason[kind] = self.stats.by_reason.get(kind, 0) + 1
+        if telemetry.enabled:
+            telemetry.execute(_T_DEAD, {"count": 1},
+                              {"shard": self.shard, "reason": kind, "error": reason})
         return 1
 
     def _publish(self, link: OwnerLink, events: Sequence[Event]) -> int:
@@ -351,7 +381,41 @@ class Owner:
         self.stats.critical_events += critical
         if self.on_events is not None:
             self.on_events(events)
+        if telemetry.enabled:
+            for event in events:
+                telemetry.execute(_T_EVENT, {"count": 1}, {"event": event, "shard": self.shard})
         return critical
+
+    # ------------------------------------------------------------------ telemetry
+    def _t_meta(self) -> dict[str, Any]:
+        queue = self.transport.topology.owner_queue(self.shard)
+        return {"owner": self, "shard": self.shard, "queue": queue}
+
+    def _t_batch(
+        self,
+        ops: dict[tuple[str, str], int],
+        commands: int,
+        dead: int,
+        published: tuple[int, int],
+        duration: float,
+    ) -> None:
+        """The batch just submitted, for telemetry (see :mod:`brama_mq.telemetry`)."""
+        applied = sum(n for (_, result), n in ops.items()
+                      if result in (APPLIED, ALREADY_REGISTERED))
+        queries = sum(n for (_, result), n in ops.items() if result == "query")
+        events = self.stats.events - published[0]
+        critical = self.stats.critical_events - published[1]
+        telemetry.execute(
+            _T_BATCH,
+            {"duration": duration, "commands": commands, "applied": applied,
+             "queries": queries, "dead_letters": dead, "events": events,
+             "critical_events": critical},
+            {"shard": self.shard, "ops": ops},
+        )
+
+    def _t_confirm(self, since: float) -> None:
+        telemetry.execute(_T_CONFIRM, {"duration": time.monotonic() - since, "batches": 1},
+                          {"shard": self.shard, "batches": 1})
 
     def _confirm(self, link: OwnerLink, timeout: float = _CONFIRM_TIMEOUT_S) -> None:
         try:
