@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from brama_mq.cli_options import shards_option, tls_options
 from brama_mq.errors import BramaError
 from brama_mq.settings import MEMORY_URL, Settings, SettingsError
 
@@ -78,6 +79,7 @@ def demo(broker: str, prefix: str | None, seconds: float, seed: int, plain: bool
 @click.option("--shards", type=int, default=None, help="Number of shards [env BRAMA_SHARDS].")
 @click.option("--prefetch", type=int, default=None, help="Prefetch window [env BRAMA_PREFETCH].")
 @click.option("--log-level", default=None, help="Log level [env BRAMA_LOG_LEVEL; default INFO].")
+@tls_options
 def worker(
     broker_url: str | None,
     prefix: str | None,
@@ -119,7 +121,11 @@ def worker(
         _fail(f"--shard is required with {settings.shards} shards (one worker per shard)",
               EXIT_USAGE)
     try:
-        transport = open_transport(settings.broker_url, Topology(settings.prefix, settings.shards))
+        transport = open_transport(
+            settings.broker_url,
+            Topology(settings.prefix, settings.shards),
+            **settings.transport_options(),
+        )
         owner = Owner(
             transport,
             prefetch=settings.prefetch,
@@ -138,6 +144,12 @@ def worker(
         logging.getLogger("brama_mq.owner").info(
             "worker starting: broker %s, prefix %s", settings.safe_broker_url, settings.prefix
         )
+        if settings.shards > 1 or settings.tls:
+            logging.getLogger("brama_mq.owner").info(
+                "shard %d of %d%s", shard or 0, settings.shards,
+                ", TLS" + ("" if settings.tls_verify else " without verification")
+                if settings.tls else "",
+            )
         owner.run()
         transport.close()
     except BramaError as exc:
@@ -160,6 +172,8 @@ def worker(
 @click.option("--count", type=int, default=None, help="Stop after this many events.")
 @click.option("--seconds", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--plain", is_flag=True, help="Print one line per event instead of a live view.")
+@shards_option
+@tls_options
 def watch(
     broker_url: str | None,
     prefix: str | None,

@@ -12,7 +12,12 @@ from urllib.parse import unquote, urlsplit
 
 import amqp.exceptions as amqp_exc
 
-from brama_mq.errors import BrokerUnavailableError, ConfirmError, TransportError
+from brama_mq.errors import (
+    AccessRefusedError,
+    BrokerUnavailableError,
+    ConfirmError,
+    TransportError,
+)
 
 __all__ = [
     "FATAL_ERRORS",
@@ -112,7 +117,13 @@ def map_error(
     detail = describe(exc, url)
     where = mask_url(url)
     if kind is None:
-        if isinstance(exc, amqp_exc.AccessRefused | amqp_exc.NotAllowed | amqp_exc.InvalidPath):
+        if isinstance(exc, amqp_exc.AccessRefused) and "login" not in str(exc).lower():
+            # A channel-level refusal: logged in, but the user's permissions (configure,
+            # write, read regexes) do not cover this exchange or queue.
+            kind = AccessRefusedError
+            detail += (" (this user's permissions do not allow it; see the permission "
+                       "layout in docs/operations.md)")
+        elif isinstance(exc, amqp_exc.AccessRefused | amqp_exc.NotAllowed | amqp_exc.InvalidPath):
             kind = TransportError
             detail += " (check the user, password and virtual host)"
         elif isinstance(exc, OSError | EOFError | amqp_exc.ConnectionError | socket.timeout):
