@@ -21,6 +21,7 @@ __all__ = [
     "declare_topology",
     "delete_topology",
     "event_queue_arguments",
+    "permission_layout",
     "stored_shards",
 ]
 
@@ -152,6 +153,42 @@ class Topology:
     def queue_names(self) -> list[str]:
         """Every queue name the topology declares."""
         return [q for q, _ in self.owner_queues()] + [self.dead_queue, self.shard_record]
+
+
+#: The roles of :func:`permission_layout`.
+ROLES: Final = ("owner", "reporter", "subscriber", "durable_subscriber")
+
+
+def permission_layout(prefix: str = DEFAULT_PREFIX) -> dict[str, tuple[str, str, str]]:
+    """RabbitMQ permissions ``(configure, write, read)`` per role, for ``set_permissions``.
+
+    * ``owner``: everything under the prefix, plus writing to the default exchange
+      (``amq.default``), which carries RPC replies to direct reply-to.
+    * ``reporter`` (services that report outcomes and read states): publish to
+      ``{p}.commands``; declare/check the shard record; its own server-named queues
+      (``amq.gen-*``, exclusive to its connection) bound to ``{p}.events``. Nothing on the
+      owner queues, no publishing to ``{p}.events``.
+    * ``subscriber``: server-named queues bound to ``{p}.events``; nothing else.
+    * ``durable_subscriber``: also named subscriptions (``{p}.sub.*``); their dead-letter
+      queue is fed through the default exchange, so this role writes to ``amq.default``,
+      which RabbitMQ cannot limit by queue: grant it only where that is acceptable.
+    """
+    p = re.escape(prefix)
+    gen = r"amq\.gen-.*"
+    return {
+        "owner": (rf"^{p}\..*$", rf"^({p}\..*|amq\.default)$", rf"^{p}\..*$"),
+        "reporter": (
+            rf"^({gen}|{p}\.shards)$",
+            rf"^({gen}|{p}\.commands)$",
+            rf"^({gen}|{p}\.events)$",
+        ),
+        "subscriber": (rf"^{gen}$", rf"^{gen}$", rf"^({gen}|{p}\.events)$"),
+        "durable_subscriber": (
+            rf"^({gen}|{p}\.sub\..*)$",
+            rf"^({gen}|{p}\.sub\..*|amq\.default)$",
+            rf"^({gen}|{p}\.sub\..*|{p}\.events)$",
+        ),
+    }
 
 
 def stored_shards(topology: Topology, message: str) -> int | None:
