@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from brama_mq.cli_options import shards_option, tls_options
 from brama_mq.client.brama import Applied, Brama
 from brama_mq.core.policy import OPTION_NAMES
 from brama_mq.errors import (
@@ -59,6 +60,8 @@ def connection_options(func: F) -> F:
                 help="Seconds to wait for the owner's answer.",
             ),
             click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+            shards_option,
+            tls_options,
         ]
     ):
         func = option(func)
@@ -91,7 +94,13 @@ def _client(broker_url: str | None, prefix: str | None, timeout: float) -> Itera
     except CommandRejectedError as exc:
         _die(f"the owner refused it: {exc}", EXIT_FAILED)
     except TransportError as exc:
-        _die(f"{exc} (is the broker up? check --broker / BRAMA_BROKER_URL)", EXIT_FAILED)
+        _die(
+            f"{exc} (broker {settings.safe_broker_url}: is it up? check --broker / "
+            "BRAMA_BROKER_URL)",
+            EXIT_FAILED,
+        )
+    except BramaError as exc:  # e.g. ShardMismatchError: the message says what to set
+        _die(str(exc), EXIT_FAILED)
     finally:
         client.disconnect()
 

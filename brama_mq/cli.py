@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from brama_mq.cli_options import shards_option, tls_options
 from brama_mq.errors import BramaError
 from brama_mq.settings import MEMORY_URL, Settings, SettingsError
 
@@ -119,6 +120,7 @@ def demo(
     "--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="BRAMA_METRICS_PORT",
     help="Serve Prometheus /metrics on this port [env BRAMA_METRICS_PORT; default off].",
 )
+@tls_options
 def worker(
     broker_url: str | None,
     prefix: str | None,
@@ -162,7 +164,11 @@ def worker(
         _fail(f"--shard is required with {settings.shards} shards (one worker per shard)",
               EXIT_USAGE)
     try:
-        transport = open_transport(settings.broker_url, Topology(settings.prefix, settings.shards))
+        transport = open_transport(
+            settings.broker_url,
+            Topology(settings.prefix, settings.shards),
+            **settings.transport_options(),
+        )
         owner = Owner(
             transport,
             prefetch=settings.prefetch,
@@ -182,6 +188,12 @@ def worker(
             "worker starting: broker %s, prefix %s", settings.safe_broker_url, settings.prefix
         )
         metrics = _serve_metrics(owner, metrics_port) if metrics_port is not None else None
+        if settings.shards > 1 or settings.tls:
+            logging.getLogger("brama_mq.owner").info(
+                "shard %d of %d%s", shard or 0, settings.shards,
+                ", TLS" + ("" if settings.tls_verify else " without verification")
+                if settings.tls else "",
+            )
         owner.run()
         logging.getLogger("brama_mq.owner").info("worker stopped: %s", owner.stats.summary())
         if metrics is not None:
@@ -220,6 +232,8 @@ def _serve_metrics(owner: Any, port: int) -> Any:
 @click.option("--count", type=int, default=None, help="Stop after this many events.")
 @click.option("--seconds", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--plain", is_flag=True, help="Print one line per event instead of a live view.")
+@shards_option
+@tls_options
 def watch(
     broker_url: str | None,
     prefix: str | None,

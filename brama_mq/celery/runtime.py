@@ -13,6 +13,10 @@ Settings, from the Celery app's configuration:
 ``brama_broker_url``                  RabbitMQ of the owner; default: the Celery broker
 ``brama_prefix``                      name prefix; default ``BRAMA_PREFIX``, else ``brama``
 ``brama_shards``                      owner shards; default ``BRAMA_SHARDS``, else 1
+``brama_tls_ca_file``                 TLS (default ``BRAMA_TLS_*``; when brama_mq uses the Celery
+``brama_tls_cert_file``               broker, Celery's ``broker_use_ssl`` keys ``ca_certs``,
+``brama_tls_key_file``                ``certfile``, ``keyfile``, ``cert_reqs``); ``amqps://``
+``brama_tls_verify``                  URLs turn TLS on by themselves
 ``brama_fail_mode``                   ``"open"`` (default) or ``"closed"``: what checks do when
                                       the view is cut off for longer than the next setting
 ``brama_view_max_staleness``          seconds (default 30)
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from typing import Any, Final
 
@@ -89,6 +94,21 @@ def _broker_url(app: Any) -> str:
     return url
 
 
+def _tls_conf(app: Any) -> dict[str, Any]:
+    """TLS settings from ``brama_tls_*``, else (sharing Celery's broker) ``broker_use_ssl``."""
+    out = {name: app.conf.get(f"brama_{name}")
+           for name in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify")}
+    celery_ssl = app.conf.get("broker_use_ssl")
+    if _conf(app, "brama_broker_url") is None and isinstance(celery_ssl, dict):
+        for ours, theirs in (("tls_ca_file", "ca_certs"), ("tls_cert_file", "certfile"),
+                             ("tls_key_file", "keyfile")):
+            if out[ours] is None:
+                out[ours] = celery_ssl.get(theirs)
+        if out["tls_verify"] is None and "cert_reqs" in celery_ssl:
+            out["tls_verify"] = celery_ssl["cert_reqs"] != ssl.CERT_NONE
+    return out
+
+
 def app_settings(app: Any) -> dict[str, Any]:
     """The brama_mq settings of a Celery app (validated; see the module doc)."""
     fail_mode = _conf(app, "brama_fail_mode", "open")
@@ -113,6 +133,7 @@ def app_settings(app: Any) -> dict[str, Any]:
             broker_url=_broker_url(app),
             prefix=_conf(app, "brama_prefix"),
             shards=_conf(app, "brama_shards"),
+            **_tls_conf(app),
         )
     return {
         "settings": settings,
@@ -141,7 +162,7 @@ def runtime_for_app(app: Any, *, wait: bool = True) -> GuardRuntime:
                 settings.broker_url,
                 Topology(settings.prefix, settings.shards),
                 **({} if settings.broker_url.startswith("memory://") else
-                   {"reconnect_timeout": RECONNECT_TIMEOUT_S}),
+                   {"reconnect_timeout": RECONNECT_TIMEOUT_S, **settings.transport_options()}),
             )
             client = Brama(transport=transport, settings=settings)
         runtime = runtime_for(client, wait=False, **options)

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import amqp.exceptions as amqp_exc
 from amqp import spec
 from amqp.basic_message import Message
 from amqp.exceptions import MessageNacked
@@ -45,6 +46,7 @@ from brama_mq.errors import (
     BrokerUnavailableError,
     ConfirmError,
     RequestTimeoutError,
+    ShardMismatchError,
     TransportError,
 )
 from brama_mq.transport.base import JSON, Delivery, Outgoing, decode_tag, encode_tag
@@ -57,9 +59,11 @@ from brama_mq.transport.errors import (
 )
 from brama_mq.transport.topology import (
     Topology,
+    declare_shard_record,
     declare_topology,
     delete_topology,
     event_queue_arguments,
+    stored_shards,
 )
 
 __all__ = [
@@ -1304,8 +1308,9 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         )
 
     def _setup(self, conn: Any) -> None:
-        ch = conn.channel()
-        self._t._declare_on(ch)
+        # Only its own queues: the shared topology is checked passively (a subscriber's
+        # permissions need not cover the owner's queues).
+        ch = self._t._declare_shared(conn, [(self._t.topology.events_exchange, "topic")], [])
         if self._dead_queue is not None:
             ch.queue_declare(self._dead_queue, durable=True, auto_delete=False)
             self._t._note("queue", self._dead_queue)
@@ -1587,8 +1592,13 @@ class AmqpClientLink(_AmqpLink):
             self._keepalive.start()
 
     def _setup(self, conn: Any) -> None:
-        confirm = conn.channel()
-        self._t._declare_on(confirm)
+        topo = self._t.topology
+        # Checked passively (plus the shard record), so a reporting service needs no
+        # configure permission on the owner's queues once an owner has declared them.
+        confirm = self._t._declare_shared(
+            conn, [(topo.commands_exchange, "direct")],
+            [q for q, _ in topo.owner_queues()], record=True,
+        )
         confirm.confirm_select()
         confirm.events["basic_ack"].add(self._tracker.on_ack)
         confirm.events["basic_nack"].add(self._tracker.on_nack)
@@ -1912,16 +1922,67 @@ class AmqpTransport:
             self.url,
             connect_timeout=self.connect_timeout,
             heartbeat=self.heartbeat,
-            ssl=self.ssl if self.ssl is not None else False,
+            # A copy: kombu writes the host name into a dict's server_hostname.
+            ssl=dict(self.ssl) if isinstance(self.ssl, dict) else bool(self.ssl),
             transport_options=options,
         )
 
     def _declare_on(self, channel: Any) -> None:
-        declare_topology(channel, self.topology)
+        try:
+            declare_topology(channel, self.topology)
+        except amqp_exc.PreconditionFailed as exc:
+            mismatch = self._shard_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
         for name, _ in self.topology.exchanges():
             self._note("exchange", name)
         for name in self.topology.queue_names():
             self._note("queue", name)
+
+    def _shard_mismatch(self, exc: BaseException) -> ShardMismatchError | None:
+        """The clear error for a refused shard record, or None for other refusals."""
+        text = str(exc)
+        if self.topology.shard_record not in text:
+            return None
+        stored = stored_shards(self.topology, text)
+        return ShardMismatchError(self.topology.prefix, self.topology.shards, stored)
+
+    def _declare_shared(
+        self,
+        conn: Any,
+        exchanges: Sequence[tuple[str, str]],
+        queues: Sequence[str],
+        *,
+        record: bool = False,
+    ) -> Any:
+        """A channel, after checking the shared topology a client or subscriber uses.
+
+        Passive declares need no permission, so a restricted user only needs the names it
+        creates itself. When something is missing (no owner has run yet) the whole topology
+        is declared, which needs configure permission (guest has it; a restricted user gets
+        AccessRefusedError saying so). ``record``: also check the shard count (a client
+        routes by it).
+        """
+        ch = conn.channel()
+        try:
+            for name, kind in exchanges:
+                ch.exchange_declare(name, kind, passive=True)
+            for queue in queues:
+                ch.queue_declare(queue, passive=True)
+        except amqp_exc.NotFound:
+            ch = conn.channel()  # the failed check closed the other one
+            self._declare_on(ch)
+            return ch
+        if record:
+            try:
+                declare_shard_record(ch, self.topology)
+            except amqp_exc.PreconditionFailed as exc:
+                mismatch = self._shard_mismatch(exc)
+                if mismatch is None:
+                    raise
+                raise mismatch from exc
+        return ch
 
     def _note(self, kind: str, name: str) -> None:
         self._declared.add((kind, name))
