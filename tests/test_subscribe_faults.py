@@ -124,11 +124,15 @@ def test_every_kind_of_subscriber_reconnects_after_a_cut_and_two_broker_restarts
 ) -> None:
     """Transient, transient batched, durable, durable batched and async durable
     subscriptions each reconnect by themselves (backoff, rebinding) after the node closed
-    every connection and after two restarts, and get every event published once they were
-    back; a durable subscription that was closed meanwhile finds every critical event
-    published while it was away, across both restarts, in its queue."""
+    every connection and after two restarts (each longer than their reconnect timeout),
+    and get every event published once they were back; a durable subscription that was
+    closed meanwhile finds every critical event published while it was away, across both
+    restarts, in its queue."""
     stack = private_stack
-    t = stack.transport
+    # The subscriptions' own transport gives up on a reconnect after 2 s, less than a
+    # restart takes: their pumps must keep trying after that, not stop.
+    t = AmqpTransport(private_node.url, Topology(stack.transport.topology.prefix),
+                      connect_timeout=5, reconnect_timeout=2, max_backoff=0.5)
     tag = uuid.uuid4().hex[:6]
     kinds = _Kinds(t, tag)
     away_name = f"{tag}w"
@@ -194,6 +198,7 @@ def test_every_kind_of_subscriber_reconnects_after_a_cut_and_two_broker_restarts
     topo = t.topology
     t.delete_queues([q for name in kinds.names for q in
                      (topo.subscription_queue(name), topo.subscription_dead_queue(name))])
+    t.close()
 
 
 @pytest.mark.broker
