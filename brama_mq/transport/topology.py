@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 __all__ = [
+    "DEFAULT_DEAD_MAX_BYTES",
+    "DEFAULT_DEAD_MAX_LENGTH",
     "DEFAULT_DELIVERY_LIMIT",
     "DEFAULT_PREFIX",
     "AmqpChannelLike",
@@ -35,6 +37,12 @@ _RECORD_MISMATCH: Final = re.compile(
     r"inequivalent arg 'x-max-length' for queue '(?P<queue>[^']*)'.*?"
     r"current is (?:the value )?'(?P<stored>\d+)'"
 )
+#: Bounds of ``{prefix}.dead``: beyond either, the broker drops the *oldest* dead letters
+#: (``drop-head``), so a flood of bad commands can neither fill the broker nor block the
+#: owner (reject-publish would nack its dead letters, which it republishes until
+#: confirmed). Every dead letter is also logged by the owner with its reason.
+DEFAULT_DEAD_MAX_LENGTH = 100_000
+DEFAULT_DEAD_MAX_BYTES = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,8 @@ class Topology:
     prefix: str = DEFAULT_PREFIX
     shards: int = 1
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    dead_max_length: int | None = DEFAULT_DEAD_MAX_LENGTH
+    dead_max_bytes: int | None = DEFAULT_DEAD_MAX_BYTES
 
     def __post_init__(self) -> None:
         if not self.prefix or not self.prefix.isprintable() or " " in self.prefix:
@@ -54,6 +64,10 @@ class Topology:
             raise ValueError(f"shards must be >= 1, not {self.shards}")
         if self.delivery_limit < 1:
             raise ValueError(f"delivery_limit must be >= 1, not {self.delivery_limit}")
+        for field_name in ("dead_max_length", "dead_max_bytes"):
+            value = getattr(self, field_name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{field_name} must be None or an int >= 1, not {value!r}")
 
     @property
     def commands_exchange(self) -> str:
@@ -131,6 +145,18 @@ class Topology:
             "x-overflow": "reject-publish",
             "x-brama-shards": self.shards,
         }
+    def dead_queue_arguments(self) -> dict[str, Any]:
+        """Arguments of the dead queue: bounded, the oldest dropped first (see
+        DEFAULT_DEAD_MAX_LENGTH). RabbitMQ refuses to redeclare a queue with other
+        arguments: a dead queue made without them must be drained and deleted first."""
+        args: dict[str, Any] = {}
+        if self.dead_max_length is not None:
+            args["x-max-length"] = self.dead_max_length
+        if self.dead_max_bytes is not None:
+            args["x-max-length-bytes"] = self.dead_max_bytes
+        if args:
+            args["x-overflow"] = "drop-head"
+        return args
 
     def subscription_queue(self, name: str) -> str:
         """The durable queue of the named subscription ``name``: ``{p}.sub.<name>``."""
@@ -298,7 +324,8 @@ def declare_topology(channel: AmqpChannelLike, topology: Topology) -> None:
     for queue, key in topology.owner_queues():
         channel.queue_declare(queue, durable=True, auto_delete=False, arguments=dict(args))
         channel.queue_bind(queue, topology.commands_exchange, key)
-    channel.queue_declare(topology.dead_queue, durable=True, auto_delete=False)
+    channel.queue_declare(topology.dead_queue, durable=True, auto_delete=False,
+                          arguments=topology.dead_queue_arguments())
     channel.queue_bind(topology.dead_queue, topology.dead_exchange, "")
 
 
