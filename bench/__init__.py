@@ -24,6 +24,8 @@ SCENARIOS: dict[str, Scenario] = {
     "subscribe": Scenario("bench.subscribe", "50 subscribers vs the owner; subscriber vs kombu"),
     "guard": Scenario("bench.guard", "guard check vs pybreaker (memory, Redis); Celery ratio"),
     "owner": Scenario("bench.owner", "owner on RabbitMQ: vs a kombu relay, confirm storm, latency"),
+    "soak": Scenario("bench.soak", "mixed load with periodic owner kills: takeover, memory, loss"),
+    "scale": Scenario("bench.scale", "owner throughput 1 vs 2 shards; connections per GB"),
 }
 
 

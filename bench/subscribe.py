@@ -196,7 +196,38 @@ def _preload(client: Any, bodies: list[bytes], owner_queue: str, url: str) -> No
             time.sleep(0.02)
 
 
-def _drain_rate(transport: Any, engine: Any, n: int, events: list[Any]) -> float:
+def broker_pid() -> int | None:
+    """The shared broker's process (the oldest ``beam.smp``), for CPU accounting only."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/comm", "rb") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm == b"beam.smp":
+            found.append((int(fields[19]), int(entry)))  # start time, pid
+    return min(found)[1] if found else None
+
+
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 when unknown or gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _drain_rate(transport: Any, engine: Any, n: int, events: list[Any],
+                cpu: dict[str, float] | None = None, child_pid: int | None = None) -> float:
     from brama_mq.owner import Owner
     from brama_mq.protocol import Event
 
@@ -207,12 +238,19 @@ def _drain_rate(transport: Any, engine: Any, n: int, events: list[Any]) -> float
     start: list[float] = []
     thread = threading.Thread(target=owner.run, daemon=True)
     thread.start()
+    broker = broker_pid()
     while not owner.stats.commands:
         time.sleep(0.0005)
     start.append(time.perf_counter())
+    before = (cpu_s(os.getpid()), cpu_s(broker), cpu_s(child_pid))
     while owner.stats.commands < n:
         time.sleep(0.002)
     elapsed = time.perf_counter() - start[0]
+    after = (cpu_s(os.getpid()), cpu_s(broker), cpu_s(child_pid))
+    if cpu is not None:
+        for key, b, a in zip(("owner", "broker", "subscriber"), before, after, strict=True):
+            cpu[key] = cpu.get(key, 0.0) + (a - b)
+        cpu["wall"] = cpu.get("wall", 0.0) + elapsed
     owner.stop(wait=30)
     return n / elapsed
 
@@ -244,9 +282,12 @@ def fanout(p: Params) -> dict[str, Any]:
         setup.stop(wait=30)
         owner_queue = transport.topology.owner_queue()
 
-        def one_run(events: list[Any]) -> float:
+        cpu: dict[str, dict[str, float]] = {}
+
+        def one_run(events: list[Any], label: str, child_pid: int | None = None) -> float:
             _preload(client, _commands(names, p.n), owner_queue, p.url)
-            return _drain_rate(transport, engine, p.n, events)
+            return _drain_rate(transport, engine, p.n, events, cpu.setdefault(label, {}),
+                               child_pid)
 
         keys = json.dumps(sorted({k for f in specs for k in filter_keys(**f)}))
         here = [sys.executable, "-m", "bench.subscribe"]
@@ -263,12 +304,12 @@ def fanout(p: Params) -> dict[str, Any]:
         for _ in range(p.rounds):
             for label, cmd in children.items():
                 if cmd is None:
-                    runs[label].append(one_run([]))
+                    runs[label].append(one_run([], label))
                     continue
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
                 assert proc.stdout is not None
                 ready = json.loads(proc.stdout.readline())
-                runs[label].append(one_run(seen if label == "brama" else []))
+                runs[label].append(one_run(seen if label == "brama" else [], label, proc.pid))
                 time.sleep(0.5)  # let the child take the last events
                 proc.terminate()
                 done = json.loads(proc.stdout.readline())
@@ -302,6 +343,18 @@ def fanout(p: Params) -> dict[str, Any]:
             "fanout_deliveries": sum(len(g) for g in report["received"]),
             "fanout_dropped": report["dropped"],
             "fanout_exact": exact,
+            # CPU seconds per 1,000 commands during the drains (all rounds), by process:
+            # the bench process (the owner), the broker, the subscriber child; and the
+            # share of the machine's cores they used together.
+            "cpu_ms_per_1k_commands": {
+                label: {k: round(v * 1e6 / (p.n * p.rounds), 1) for k, v in c.items()
+                        if k != "wall"}
+                for label, c in cpu.items()
+            },
+            "cpu_busy_cores": {
+                label: round((c["owner"] + c["broker"] + c["subscriber"]) / c["wall"], 2)
+                for label, c in cpu.items()
+            },
         }
     finally:
         if proc is not None:

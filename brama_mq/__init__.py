@@ -11,6 +11,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from brama_mq import telemetry
     from brama_mq.client import Applied, Brama, default_client, set_default_client
     from brama_mq.client.default import (
         available,
@@ -137,12 +138,18 @@ __all__ = [
     "subscribe",
     "subscribe_async",
     "success",
+    "telemetry",
     "unregister",
     "unsubscribe",
 ]
 
+#: Submodules offered as attributes of the package (``brama_mq.telemetry.attach(...)``).
+_SUBMODULES = {"telemetry"}
+
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return import_module(f"brama_mq.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'brama_mq' has no attribute {name!r}")

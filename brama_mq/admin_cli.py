@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from brama_mq.cli_options import shards_option, tls_options
 from brama_mq.client.brama import Applied, Brama
 from brama_mq.core.policy import OPTION_NAMES
 from brama_mq.errors import (
@@ -59,6 +60,8 @@ def connection_options(func: F) -> F:
                 help="Seconds to wait for the owner's answer.",
             ),
             click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+            shards_option,
+            tls_options,
         ]
     ):
         func = option(func)
@@ -75,7 +78,7 @@ def _client(broker_url: str | None, prefix: str | None, timeout: float) -> Itera
     try:
         client = Brama(settings=settings, request_timeout=timeout)
     except BramaError as exc:
-        _die(f"{exc} (check --broker / BRAMA_BROKER_URL)", EXIT_FAILED)
+        _die(f"{exc} (is the broker up? check --broker / BRAMA_BROKER_URL)", EXIT_FAILED)
     try:
         yield client
     except (InvalidNameError, PolicyError) as exc:
@@ -91,7 +94,13 @@ def _client(broker_url: str | None, prefix: str | None, timeout: float) -> Itera
     except CommandRejectedError as exc:
         _die(f"the owner refused it: {exc}", EXIT_FAILED)
     except TransportError as exc:
-        _die(f"{exc} (broker {settings.safe_broker_url})", EXIT_FAILED)
+        _die(
+            f"{exc} (broker {settings.safe_broker_url}: is it up? check --broker / "
+            "BRAMA_BROKER_URL)",
+            EXIT_FAILED,
+        )
+    except BramaError as exc:  # e.g. ShardMismatchError: the message says what to set
+        _die(str(exc), EXIT_FAILED)
     finally:
         client.disconnect()
 
@@ -131,9 +140,18 @@ _OPTION_HELP = "Policy option as key=value (repeatable): " + ", ".join(OPTION_NA
 
 @click.command()
 @click.option("--scope", default=None, help="Only this scope's breakers.")
+@click.option(
+    "--state", "states", multiple=True, type=click.Choice(["closed", "open", "half_open"]),
+    help="Only breakers in this state (repeatable).",
+)
 @connection_options
 def status(
-    scope: str | None, broker_url: str | None, prefix: str | None, timeout: float, as_json: bool
+    scope: str | None,
+    states: tuple[str, ...],
+    broker_url: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
 ) -> None:
     """A table of every breaker: state, failures, time left open.
 
@@ -141,11 +159,19 @@ def status(
     Examples:
       brama-mq status
       brama-mq status --scope payments --json
+      brama-mq status --state open --state half_open
+      brama-mq status --json | jq -r '.[] | select(.state=="open") | .connection'
     """
     with _client(broker_url, prefix, timeout) as client:
         rows = client.snapshot(scope)
+    if states:
+        rows = [row for row in rows if row["state"] in states]
     if as_json:
         click.echo(json.dumps(rows))
+        return
+    if not rows:
+        where = f" in scope {scope!r}" if scope is not None else ""
+        click.echo(f"no breakers{where} (register one: brama-mq register NAME)")
         return
     table = Table(title=f"{len(rows)} breakers")
     for column in ("scope", "connection", "state", "failures", "open left", "policy"):

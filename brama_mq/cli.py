@@ -1,7 +1,7 @@
 """``brama-mq``: the command line.
 
 Exit codes scripts can rely on: 0 ok, 1 the operation failed (broker away, refused),
-2 bad usage or settings.
+2 bad usage or settings, 3 not registered, 4 no owner answered (admin commands).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from brama_mq.cli_options import shards_option, tls_options
 from brama_mq.errors import BramaError
 from brama_mq.settings import MEMORY_URL, Settings, SettingsError
 
@@ -28,7 +29,26 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="brama-mq")
 def main() -> None:
-    """Circuit breakers and status notifications over RabbitMQ."""
+    """Circuit breakers and status notifications over RabbitMQ.
+
+    Settings come from flags, else BRAMA_BROKER_URL, BRAMA_PREFIX, BRAMA_SHARDS.
+    Commands that print data take --json.
+
+    \b
+    Exit codes:
+      0  ok
+      1  the operation failed (broker unreachable, command refused)
+      2  bad usage or settings
+      3  the connection is not registered
+      4  no owner answered (is `brama-mq worker` running?)
+
+    \b
+    Examples:
+      brama-mq demo                       # everything in one process, no broker
+      brama-mq worker --metrics-port 9464
+      brama-mq status --scope payments
+      eval "$(brama-mq completion bash)"  # tab completion
+    """
 
 
 @main.command()
@@ -42,28 +62,46 @@ def main() -> None:
 @click.option("--seconds", default=8.0, show_default=True, help="How long the demo runs.")
 @click.option("--seed", default=7, show_default=True, help="Seed of the simulated failures.")
 @click.option("--plain", is_flag=True, help="Print lines instead of a live table.")
-def demo(broker: str, prefix: str | None, seconds: float, seed: int, plain: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print only what the demo saw, as one JSON object, at the end.")
+def demo(
+    broker: str, prefix: str | None, seconds: float, seed: int, plain: bool, as_json: bool
+) -> None:
     """Run an owner, a client and a subscriber against a simulated flaky service.
 
     \b
     Examples:
       brama-mq demo
       brama-mq demo --broker amqp://guest:guest@127.0.0.1:5672// --seconds 5
+      brama-mq demo --json --seconds 4 | jq .transitions
     """
     from brama_mq.demo import run_demo
 
+    quiet = {}
+    if as_json:
+        import io
+
+        from rich.console import Console
+
+        quiet = {"console": Console(file=io.StringIO())}
     try:
         report = run_demo(
             broker_url=broker,
             prefix=prefix,
             seconds=seconds,
             seed=seed,
-            live=False if plain else None,
+            live=False if plain or as_json else None,
+            **quiet,
         )
     except BramaError as exc:
         _fail(str(exc))
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"events": dict(report.events), "calls": dict(report.calls),
+                               "transitions": report.transitions, "states": report.states}))
     if not report.transitions:
-        _fail("the demo saw no state change; something is wrong")
+        _fail("the demo saw no state change; something is wrong (try a longer --seconds)")
 
 
 @main.command()
@@ -78,6 +116,11 @@ def demo(broker: str, prefix: str | None, seconds: float, seed: int, plain: bool
 @click.option("--shards", type=int, default=None, help="Number of shards [env BRAMA_SHARDS].")
 @click.option("--prefetch", type=int, default=None, help="Prefetch window [env BRAMA_PREFETCH].")
 @click.option("--log-level", default=None, help="Log level [env BRAMA_LOG_LEVEL; default INFO].")
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="BRAMA_METRICS_PORT",
+    help="Serve Prometheus /metrics on this port [env BRAMA_METRICS_PORT; default off].",
+)
+@tls_options
 @click.option(
     "--reconnect-timeout", type=str, default=None,
     help="Seconds one reconnect round lasts before the outage is logged and a new round "
@@ -96,6 +139,7 @@ def worker(
     log_level: str | None,
     reconnect_timeout: str | None,
     snapshot_interval: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Run a state owner: consume commands, run the breakers, publish events.
 
@@ -108,6 +152,7 @@ def worker(
     Examples:
       brama-mq worker
       BRAMA_BROKER_URL=amqp://user:pass@rabbit:5672/prod brama-mq worker --prefix brama
+      brama-mq worker --metrics-port 9464     # Prometheus: http://host:9464/metrics
     """
     from brama_mq.owner import Owner
     from brama_mq.transport import Topology, open_transport
@@ -137,8 +182,10 @@ def worker(
               EXIT_USAGE)
     try:
         transport = open_transport(
-            settings.broker_url, Topology(settings.prefix, settings.shards),
+            settings.broker_url,
+            Topology(settings.prefix, settings.shards),
             reconnect_timeout=reconnect_s,
+            **settings.transport_options(),
         )
         owner = Owner(
             transport,
@@ -159,7 +206,17 @@ def worker(
         logging.getLogger("brama_mq.owner").info(
             "worker starting: broker %s, prefix %s", settings.safe_broker_url, settings.prefix
         )
+        metrics = _serve_metrics(owner, metrics_port) if metrics_port is not None else None
+        if settings.shards > 1 or settings.tls:
+            logging.getLogger("brama_mq.owner").info(
+                "shard %d of %d%s", shard or 0, settings.shards,
+                ", TLS" + ("" if settings.tls_verify else " without verification")
+                if settings.tls else "",
+            )
         owner.run()
+        logging.getLogger("brama_mq.owner").info("worker stopped: %s", owner.stats.summary())
+        if metrics is not None:
+            metrics.close()
         transport.close()
     except BramaError as exc:
         _fail(f"{exc} (broker {settings.safe_broker_url})")
@@ -182,6 +239,19 @@ def _seconds(flag: str, value: str | None, env: str, default: float) -> float:
     return seconds
 
 
+def _serve_metrics(owner: Any, port: int) -> Any:
+    """Start the worker's /metrics endpoint, or exit 2 saying what is missing."""
+    try:
+        from brama_mq.metrics.prometheus import serve_owner_metrics
+
+        return serve_owner_metrics(owner, port)
+    except RuntimeError as exc:  # prometheus_client missing
+        _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on port {port}: {exc.strerror or exc} "
+              "(pick another --metrics-port)", EXIT_USAGE)
+
+
 @main.command()
 @click.option("--broker", "broker_url", default=None, help="Broker URL [env BRAMA_BROKER_URL].")
 @click.option("--prefix", default=None, help="Name prefix [env BRAMA_PREFIX].")
@@ -198,6 +268,8 @@ def _seconds(flag: str, value: str | None, env: str, default: float) -> float:
 @click.option("--count", type=int, default=None, help="Stop after this many events.")
 @click.option("--seconds", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--plain", is_flag=True, help="Print one line per event instead of a live view.")
+@shards_option
+@tls_options
 def watch(
     broker_url: str | None,
     prefix: str | None,
@@ -259,6 +331,24 @@ def watch(
         _fail(str(exc), EXIT_USAGE)
     except BramaError as exc:
         _fail(f"{exc} (broker {settings.safe_broker_url})")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (click's completion).
+
+    \b
+    Examples:
+      eval "$(brama-mq completion bash)"                    # in ~/.bashrc
+      eval "$(brama-mq completion zsh)"                     # in ~/.zshrc
+      brama-mq completion fish > ~/.config/fish/completions/brama-mq.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the Choice above allows only shells click knows
+    click.echo(cls(main, {}, "brama-mq", "_BRAMA_MQ_COMPLETE").source())
 
 
 def _add_admin_commands() -> None:

@@ -109,3 +109,30 @@ class CircuitOpenError(BramaError):
     def retry_after(self) -> float | None:
         """Seconds until a call may be tried again (None: open until closed by hand)."""
         return None if self.retry_after_ms is None else self.retry_after_ms / 1000.0
+
+
+class ShardMismatchError(BramaError):
+    """The broker's stored shard count differs from this process's; it must not start.
+
+    Routing a connection to ``stable_shard(..., configured)`` while the owners use
+    ``stored`` would put its commands on the wrong owner, so both counts are named.
+    """
+
+    def __init__(self, prefix: str, configured: int, stored: int | None) -> None:
+        self.prefix = prefix
+        self.configured = configured
+        self.stored = stored
+        held = "a different count" if stored is None else f"{stored} shard(s)"
+        super().__init__(
+            f"shard count mismatch on prefix {prefix!r}: this process is configured for "
+            f"{configured} shard(s) but the broker's record says {held}; set BRAMA_SHARDS "
+            f"(or --shards) to {stored if stored is not None else 'the stored count'}, or "
+            "delete the record queue only after every owner of the old count has stopped"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.prefix, self.configured, self.stored))
+
+
+class AccessRefusedError(TransportError):
+    """The broker refused an operation this user's permissions do not grant."""

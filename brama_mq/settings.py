@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -20,6 +21,8 @@ DEFAULT_PREFIX: Final = "brama"
 
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 _LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+_TRUE: Final = ("1", "true", "yes", "on")
+_FALSE: Final = ("0", "false", "no", "off")
 _PASSWORD_RE: Final = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)[^/\s]*(?=@)")
 
 
@@ -40,6 +43,13 @@ class Settings:
     prefetch: int = 500
     log_level: str = "INFO"
     max_command_bytes: int = 65_536
+    #: TLS (any of these, or an ``amqps://`` URL, turns it on): CA bundle to verify the
+    #: broker with, client certificate and key (for brokers that ask for one), and whether
+    #: to verify the broker's certificate and host name at all.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -57,6 +67,49 @@ class Settings:
             raise SettingsError(
                 f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}"
             )
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise SettingsError(f"{name} {path!r} is not a readable file")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise SettingsError("tls_key_file is set but tls_cert_file is not")
+        if not isinstance(self.tls_verify, bool):
+            raise SettingsError(f"tls_verify must be true or false, got {self.tls_verify!r}")
+
+    @property
+    def tls(self) -> bool:
+        """Whether connections use TLS: an ``amqps://`` URL or any TLS option."""
+        urls = [u.strip().lower() for u in self.broker_url.split(";")]
+        return any(u.startswith("amqps://") for u in urls) or any(
+            (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        ) or not self.tls_verify
+
+    def ssl_options(self) -> dict[str, Any] | None:
+        """kombu's ``ssl=`` (py-amqp's socket-wrapping options), or None without TLS.
+
+        Verification on means the certificate chain (against ``tls_ca_file``, else the
+        system's CAs) *and* the host name; off means neither (for tests and private CAs
+        you cannot distribute: the connection is encrypted but not authenticated).
+        """
+        if not self.tls:
+            return None
+        opts: dict[str, Any] = {
+            "cert_reqs": ssl.CERT_REQUIRED if self.tls_verify else ssl.CERT_NONE,
+        }
+        if self.tls_verify:
+            opts["server_hostname"] = None  # kombu fills in the host being connected to
+        if self.tls_ca_file is not None:
+            opts["ca_certs"] = self.tls_ca_file
+        if self.tls_cert_file is not None:
+            opts["certfile"] = self.tls_cert_file
+        if self.tls_key_file is not None:
+            opts["keyfile"] = self.tls_key_file
+        return opts
+
+    def transport_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``open_transport`` beyond the URL and topology."""
+        opts = self.ssl_options()
+        return {} if opts is None else {"ssl": opts}
 
     @property
     def safe_broker_url(self) -> str:
@@ -74,6 +127,10 @@ class Settings:
             ("prefetch", "BRAMA_PREFETCH", int),
             ("log_level", "BRAMA_LOG_LEVEL", str),
             ("max_command_bytes", "BRAMA_MAX_COMMAND_BYTES", int),
+            ("tls_ca_file", "BRAMA_TLS_CA_FILE", str),
+            ("tls_cert_file", "BRAMA_TLS_CERT_FILE", str),
+            ("tls_key_file", "BRAMA_TLS_KEY_FILE", str),
+            ("tls_verify", "BRAMA_TLS_VERIFY", _flag),
         ):
             raw = env.get(var)
             if raw is None or raw == "" or overrides.get(field) is not None:
@@ -81,6 +138,17 @@ class Settings:
             try:
                 values[field] = kind(raw)
             except ValueError:
-                raise SettingsError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
+                what = "boolean (true/false)" if kind is _flag else f"valid {kind.__name__}"
+                raise SettingsError(f"{var}={raw!r} is not a {what}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
+
+
+def _flag(raw: str) -> bool:
+    """An environment variable's boolean: 1/true/yes/on or 0/false/no/off."""
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(raw)

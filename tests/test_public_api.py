@@ -55,7 +55,8 @@ def test_exported_names_are_pinned() -> None:
     assert set(brama_mq.__all__) >= EXPECTED
     extra = set(brama_mq.__all__) - EXPECTED
     # Later issues add names (subscribe, guard, ...): they must be listed here too.
-    assert extra <= {"subscribe", "subscribe_async", "unsubscribe", "Subscription"}, extra
+    assert extra <= {"subscribe", "subscribe_async", "unsubscribe", "Subscription",
+                     "telemetry"}, extra
 
 
 def test_every_exported_name_resolves() -> None:
@@ -69,6 +70,12 @@ def test_importing_the_package_is_light() -> None:
     code = "import sys, brama_mq; print('kombu' in sys.modules, 'pydantic' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_telemetry_is_the_hooks_module() -> None:
+    """`brama_mq.telemetry` is the module with attach/detach/execute."""
+    assert callable(brama_mq.telemetry.attach) and callable(brama_mq.telemetry.detach)
+    assert brama_mq.telemetry is __import__("brama_mq.telemetry").telemetry
 
 
 def test_unknown_attribute_is_an_attribute_error() -> None:

@@ -13,6 +13,10 @@ Settings, from the Celery app's configuration:
 ``brama_broker_url``                  RabbitMQ of the owner; default: the Celery broker
 ``brama_prefix``                      name prefix; default ``BRAMA_PREFIX``, else ``brama``
 ``brama_shards``                      owner shards; default ``BRAMA_SHARDS``, else 1
+``brama_tls_ca_file``                 TLS (default ``BRAMA_TLS_*``; when brama_mq uses the Celery
+``brama_tls_cert_file``               broker, Celery's ``broker_use_ssl`` keys ``ca_certs``,
+``brama_tls_key_file``                ``certfile``, ``keyfile``, ``cert_reqs``); ``amqps://``
+``brama_tls_verify``                  URLs turn TLS on by themselves
 ``brama_fail_mode``                   ``"open"`` (default) or ``"closed"``: what checks do when
                                       the view is cut off for longer than the next setting
 ``brama_view_max_staleness``          seconds (default 30)
@@ -20,6 +24,9 @@ Settings, from the Celery app's configuration:
 ``brama_outbox_size``                 reports buffered while the broker is away (default 10,000)
 ``brama_client``                      a ready :class:`~brama_mq.client.Brama` to use instead
                                       (tests, embedding: e.g. one on a ``MemoryTransport``)
+``brama_metrics_port``                serve ``brama_guard_checks_total`` on this port from the
+                                      worker's main process (all pool processes summed);
+                                      default ``BRAMA_METRICS_PORT``, else off
 ====================================  =========================================================
 """
 
@@ -27,14 +34,21 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from typing import Any, Final
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from brama_mq.client.brama import Brama
 from brama_mq.client.guard import GuardRuntime, runtime_for
 from brama_mq.client.local_view import _ORPHANS, FAIL_MODES
+from brama_mq.metrics.guard import GUARD_CHECKS
 from brama_mq.settings import Settings, SettingsError
 from brama_mq.transport import Topology, open_transport
 
@@ -80,6 +94,21 @@ def _broker_url(app: Any) -> str:
     return url
 
 
+def _tls_conf(app: Any) -> dict[str, Any]:
+    """TLS settings from ``brama_tls_*``, else (sharing Celery's broker) ``broker_use_ssl``."""
+    out = {name: app.conf.get(f"brama_{name}")
+           for name in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify")}
+    celery_ssl = app.conf.get("broker_use_ssl")
+    if _conf(app, "brama_broker_url") is None and isinstance(celery_ssl, dict):
+        for ours, theirs in (("tls_ca_file", "ca_certs"), ("tls_cert_file", "certfile"),
+                             ("tls_key_file", "keyfile")):
+            if out[ours] is None:
+                out[ours] = celery_ssl.get(theirs)
+        if out["tls_verify"] is None and "cert_reqs" in celery_ssl:
+            out["tls_verify"] = celery_ssl["cert_reqs"] != ssl.CERT_NONE
+    return out
+
+
 def app_settings(app: Any) -> dict[str, Any]:
     """The brama_mq settings of a Celery app (validated; see the module doc)."""
     fail_mode = _conf(app, "brama_fail_mode", "open")
@@ -104,6 +133,7 @@ def app_settings(app: Any) -> dict[str, Any]:
             broker_url=_broker_url(app),
             prefix=_conf(app, "brama_prefix"),
             shards=_conf(app, "brama_shards"),
+            **_tls_conf(app),
         )
     return {
         "settings": settings,
@@ -132,7 +162,7 @@ def runtime_for_app(app: Any, *, wait: bool = True) -> GuardRuntime:
                 settings.broker_url,
                 Topology(settings.prefix, settings.shards),
                 **({} if settings.broker_url.startswith("memory://") else
-                   {"reconnect_timeout": RECONNECT_TIMEOUT_S}),
+                   {"reconnect_timeout": RECONNECT_TIMEOUT_S, **settings.transport_options()}),
             )
             client = Brama(transport=transport, settings=settings)
         runtime = runtime_for(client, wait=False, **options)
@@ -194,6 +224,21 @@ def _on_process_init(**_: Any) -> None:
 
 def _on_process_shutdown(**_: Any) -> None:
     shutdown_runtimes(timeout=2.0)
+    GUARD_CHECKS.process_dead(os.getpid())
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """The worker's main process, before the pool forks: turn guard metrics on if asked."""
+    app = getattr(sender, "app", None)
+    raw = (app.conf.get("brama_metrics_port") if app is not None else None) or os.environ.get(
+        "BRAMA_METRICS_PORT"
+    )
+    if raw in (None, ""):
+        return
+    try:
+        GUARD_CHECKS.enable(int(raw))
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.error("brama guard metrics not served (brama_metrics_port=%r): %s", raw, exc)
 
 
 def _on_worker_shutdown(**_: Any) -> None:
@@ -201,6 +246,7 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 
 # Connected here (not with the decorator form, which mypy cannot see through).
+worker_init.connect(_on_worker_init, weak=False)
 worker_process_init.connect(_on_process_init, weak=False)
 worker_process_shutdown.connect(_on_process_shutdown, weak=False)
 worker_shutdown.connect(_on_worker_shutdown, weak=False)

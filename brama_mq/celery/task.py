@@ -46,6 +46,7 @@ from brama_mq.client.guard import (
     exception_types,
 )
 from brama_mq.client.local_view import view_key
+from brama_mq.metrics.guard import GUARD_CHECKS
 
 __all__ = ["ON_OPEN", "GuardSpec", "GuardedTask", "guarded"]
 
@@ -100,8 +101,12 @@ class GuardSpec:
         assert guard is not None
         if self.key in runtime.view.closed:
             admission = ADMIT_CLOSED
+            if GUARD_CHECKS.on:  # metrics off (the default): this test is all they cost
+                GUARD_CHECKS.count(self.connection, "closed")
         else:
             admission = runtime.decide(guard)
+            if GUARD_CHECKS.on:
+                GUARD_CHECKS.count(self.connection, admission.why)
             if not admission.allowed:
                 return self.refuse(task, guard, admission)
         try:

@@ -64,7 +64,9 @@ class Brama:
         self._owns_transport = transport is None
         if transport is None:
             transport = open_transport(
-                settings.broker_url, Topology(settings.prefix, settings.shards)
+                settings.broker_url,
+                Topology(settings.prefix, settings.shards),
+                **settings.transport_options(),
             )
         self.transport = transport
         self.request_timeout = request_timeout

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from brama_mq import telemetry
 from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Advance, Engine, Result
 from brama_mq.core.events import Event
 from brama_mq.core.routing import routing_key
@@ -61,6 +62,12 @@ _PING_EVERY_S = 0.5
 _STANDBY_POLL_S = 0.05
 _CATCH_UP_TIMEOUT_S = 60.0
 _MAX_OUTAGE_PAUSE_S = 5.0
+_T_START = ("brama", "owner", "start")
+_T_STOP = ("brama", "owner", "stop")
+_T_BATCH = ("brama", "owner", "batch")
+_T_EVENT = ("brama", "owner", "event")
+_T_CONFIRM = ("brama", "owner", "confirm")
+_T_DEAD = ("brama", "owner", "dead_letter")
 
 
 def wall_clock_ms() -> int:
@@ -110,7 +117,7 @@ class OwnerStats:
     critical_events: int = 0
     batches: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
-    duplicates: int = 0  # redelivered commands already applied (not applied again)
+    duplicates: int = 0  # already applied (in ``applied`` too), not applied again
     pings: int = 0
     takeovers: int = 0
     last_takeover_s: float | None = None
@@ -118,6 +125,16 @@ class OwnerStats:
     snapshots: int = 0
     journal_batches: int = 0
     outages: int = 0
+
+    def summary(self) -> str:
+        """One log line that accounts for every command (in = applied + queries + dead)."""
+        reasons = ",".join(f"{k}:{v}" for k, v in sorted(self.by_reason.items())) or "-"
+        return (
+            f"commands={self.commands} applied={self.applied} queries={self.queries} "
+            f"dead_lettered={self.dead_lettered} events={self.events} "
+            f"critical_events={self.critical_events} dead_reasons={reasons} "
+            f"duplicates={self.duplicates} pings={self.pings} takeovers={self.takeovers}"
+        )
 
 
 class Owner:
@@ -218,6 +235,9 @@ class Owner:
             raise
         self.ready.set()
         log.info("owner serving %s", self.transport.topology.owner_queue(self.shard))
+        started = time.monotonic()
+        if telemetry.enabled:
+            telemetry.execute(_T_START, {"system_time": time.time()}, self._t_meta())
         try:
             while not self._stop.is_set():
                 try:
@@ -245,6 +265,9 @@ class Owner:
                 self._replica.close()
                 self._replica = None
             link.close()
+            if telemetry.enabled:
+                telemetry.execute(_T_STOP, {"duration": time.monotonic() - started},
+                                  self._t_meta())
             self.done.set()
             log.info("owner stopped")
 
@@ -469,11 +492,15 @@ class Owner:
         """Apply and publish a batch; :meth:`_settle` acks it once it is confirmed."""
         now = self.clock_ms()
         engine = self.engine
+        # telemetry: (op, result) -> count for this batch, only while someone listens
+        ops: dict[tuple[str, str], int] | None = {} if telemetry.enabled else None
+        started = time.perf_counter()
+        stats = self.stats
+        published = (stats.events, stats.critical_events)
         events: list[Event] = list(self._advance(now).events)
         replies: list[tuple[Delivery, bytes]] = []
         dead = 0
         critical = 0
-        stats = self.stats
         jw = self._jw
         applied_ids = self.applied
         for delivery in deliveries:
@@ -493,6 +520,8 @@ class Owner:
                 continue
             if command.op in QUERY_OPS:
                 stats.queries += 1
+                if ops is not None:
+                    ops[(command.op, "query")] = ops.get((command.op, "query"), 0) + 1
                 if delivery.reply_to:
                     reply = answer_query(engine, command, now)
                     if jw is not None and reply.ok and command.connection is not None:
@@ -500,7 +529,8 @@ class Owner:
                     replies.append((delivery, encode_reply(reply)))
                 continue
             if command.id in applied_ids:  # redelivered after a takeover or reconnect
-                stats.duplicates += 1
+                stats.duplicates += 1  # counted as applied too: it was, once, earlier
+                stats.applied += 1
                 if delivery.reply_to:
                     again = Reply(ok=True, result={"status": APPLIED, "duplicate": True})
                     replies.append((delivery, encode_reply(again)))
@@ -511,12 +541,16 @@ class Owner:
                 result = engine.apply(command, now)
             except Exception as exc:  # a bug must cost one command, not the worker
                 log.exception("applying %s failed", command.op)
+                if ops is not None:
+                    ops[(command.op, "internal")] = ops.get((command.op, "internal"), 0) + 1
                 reason = f"internal error: {exc!r}"
                 dead += self._dead_letter(link, delivery, "internal", reason)
                 if delivery.reply_to:
                     failed = Reply(ok=False, error=reason, result={"status": "internal"})
                     replies.append((delivery, encode_reply(failed)))
                 continue
+            if ops is not None:
+                ops[(command.op, result.status)] = ops.get((command.op, result.status), 0) + 1
             if result.status == APPLIED or result.status == ALREADY_REGISTERED:
                 stats.applied += 1
                 applied_ids.add(command.id)
@@ -531,6 +565,8 @@ class Owner:
         self._flush_journal(link)
         self._submit_events(link, events, deliveries[-1].delivery_tag, replies, dead + critical)
         stats.batches += 1
+        if ops is not None:
+            self._t_batch(ops, len(deliveries), dead, published, time.perf_counter() - started)
 
     def _pipelined(self, link: OwnerLink) -> PipelinedLink | None:
         """``link`` if it can keep batches in flight, else None (checked once per link:
@@ -588,6 +624,8 @@ class Owner:
         replies: list[tuple[Delivery, bytes]] = []
         for _ in range(ready):
             f = inflight.popleft()
+            if f.confirm and telemetry.enabled:
+                self._t_confirm(f.since)
             if f.ack_tag is not None:
                 ack_tag = f.ack_tag
             replies.extend(f.replies)
@@ -604,6 +642,9 @@ class Owner:
         link.dead_letter(delivery, reason)
         self.stats.dead_lettered += 1
         self.stats.by_reason[kind] = self.stats.by_reason.get(kind, 0) + 1
+        if telemetry.enabled:
+            telemetry.execute(_T_DEAD, {"count": 1},
+                              {"shard": self.shard, "reason": kind, "error": reason})
         return 1
 
     def _publish(self, link: OwnerLink, events: Sequence[Event]) -> int:
@@ -621,7 +662,41 @@ class Owner:
         self.stats.critical_events += critical
         if self.on_events is not None:
             self.on_events(events)
+        if telemetry.enabled:
+            for event in events:
+                telemetry.execute(_T_EVENT, {"count": 1}, {"event": event, "shard": self.shard})
         return critical
+
+    # ------------------------------------------------------------------ telemetry
+    def _t_meta(self) -> dict[str, Any]:
+        queue = self.transport.topology.owner_queue(self.shard)
+        return {"owner": self, "shard": self.shard, "queue": queue}
+
+    def _t_batch(
+        self,
+        ops: dict[tuple[str, str], int],
+        commands: int,
+        dead: int,
+        published: tuple[int, int],
+        duration: float,
+    ) -> None:
+        """The batch just submitted, for telemetry (see :mod:`brama_mq.telemetry`)."""
+        applied = sum(n for (_, result), n in ops.items()
+                      if result in (APPLIED, ALREADY_REGISTERED))
+        queries = sum(n for (_, result), n in ops.items() if result == "query")
+        events = self.stats.events - published[0]
+        critical = self.stats.critical_events - published[1]
+        telemetry.execute(
+            _T_BATCH,
+            {"duration": duration, "commands": commands, "applied": applied,
+             "queries": queries, "dead_letters": dead, "events": events,
+             "critical_events": critical},
+            {"shard": self.shard, "ops": ops},
+        )
+
+    def _t_confirm(self, since: float) -> None:
+        telemetry.execute(_T_CONFIRM, {"duration": time.monotonic() - since, "batches": 1},
+                          {"shard": self.shard, "batches": 1})
 
     def _confirm(self, link: OwnerLink, timeout: float = _CONFIRM_TIMEOUT_S) -> None:
         try:

@@ -361,7 +361,10 @@ def hub_for(broker_url: str | None, transport: Transport | None, prefix: str | N
     with _registry_lock:
         hub = _hubs.get(key)
         if hub is None:
-            opened = open_transport(settings.broker_url, Topology(settings.prefix, settings.shards))
+            opened = open_transport(
+                settings.broker_url, Topology(settings.prefix, settings.shards),
+                **settings.transport_options(),
+            )
             hub = _hubs[key] = Hub(key, opened, owns_transport=True)
         hub.pending += 1
         return hub

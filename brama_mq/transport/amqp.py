@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import amqp.exceptions as amqp_exc
 from amqp import spec
 from amqp.basic_message import Message
 from amqp.exceptions import MessageNacked
@@ -45,6 +46,7 @@ from brama_mq.errors import (
     BrokerUnavailableError,
     ConfirmError,
     RequestTimeoutError,
+    ShardMismatchError,
     TransportError,
 )
 from brama_mq.transport.base import (
@@ -66,9 +68,11 @@ from brama_mq.transport.errors import (
 )
 from brama_mq.transport.topology import (
     Topology,
+    declare_shard_record,
     declare_topology,
     delete_topology,
     event_queue_arguments,
+    stored_shards,
 )
 
 __all__ = [
@@ -1319,6 +1323,12 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         self._channel: Any = None
         self._confirm: Any = None
         self._returned = False
+        self._reader: _FrameReader | None = None
+        #: A basic.deliver whose content frames are still coming: [args, properties,
+        #: body size, body chunks, bytes received]; see _on_deliver_frame.
+        self._partial: list[Any] | None = None
+        self._consume_id = -1
+        self._consumer_tag = ""
         self._stale_acks = 0
         self._counts = {"delivered": 0, "dead_lettered": 0}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -1347,8 +1357,9 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         )
 
     def _setup(self, conn: Any) -> None:
-        ch = conn.channel()
-        self._t._declare_on(ch)
+        # Only its own queues: the shared topology is checked passively (a subscriber's
+        # permissions need not cover the owner's queues).
+        ch = self._t._declare_shared(conn, [(self._t.topology.events_exchange, "topic")], [])
         if self._dead_queue is not None:
             ch.queue_declare(self._dead_queue, durable=True, auto_delete=False)
             self._t._note("queue", self._dead_queue)
@@ -1370,8 +1381,19 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         ch.basic_qos(prefetch_size=0, prefetch_count=self._prefetch, a_global=False)
         self._buffer.clear()
         self._cancelled = False
-        ch.basic_consume(self._name, callback=self._on_delivery, on_cancel=self._on_cancel)
+        self._consumer_tag = ch.basic_consume(
+            self._name, callback=self._on_delivery, on_cancel=self._on_cancel
+        )
         self._channel = ch
+        self._partial = None
+        self._reader = reader = _install_reader(conn)
+        if reader is not None and _OWN_DELIVER:
+            # Every read, py-amqp's own waits (bind-ok, confirms) included, passes the
+            # consume channel's deliveries to _on_deliver_frame: none is half-read by both.
+            self._consume_id = ch.channel_id
+            conn.transport.read_frame = self._read_frame
+        else:
+            self._consume_id = -1
         if self._dead_queue is not None:
             # Dead letters are rare: a confirm channel that waits for each one is enough.
             confirm = conn.channel()
@@ -1381,6 +1403,9 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
     def _on_lost(self) -> None:
         self._buffer.clear()
         self._channel = self._confirm = None
+        self._reader = None
+        self._partial = None
+        self._consume_id = -1
 
     def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         self._returned = True
@@ -1444,12 +1469,34 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
     def _drain_nowait(self, enough: Callable[[], bool]) -> None:
         """Process frames already received, without waiting, until ``enough()``.
 
-        The shared loop calls py-amqp's ``drain_events(timeout=0)``, which sets and restores
-        the socket timeout around every frame (three per message); here the socket is made
-        non-blocking once per drain, a tenth of a subscriber's receive cost. Heartbeat
+        With a :class:`_FrameReader` (plain TCP) frames are cut out of 64 KiB reads: py-amqp
+        reads each frame with three ``recv`` calls (nine per event), which was most of a
+        busy subscriber's CPU. Otherwise (SSL) the socket is made non-blocking once per
+        drain instead of py-amqp switching its timeout around every frame. Heartbeat
         accounting is unchanged: py-amqp's frame handler counts received frames.
         """
         conn = self._conn
+        reader = self._reader
+        if reader is not None:
+            on_inbound = conn.on_inbound_frame
+            next_frame = reader.frame
+            consume_id = self._consume_id
+            on_deliver = self._on_deliver_frame
+            while not enough():
+                frame = next_frame()
+                if frame is None:
+                    if not reader.fill_nowait():
+                        return
+                    continue
+                if frame[1] == consume_id and (
+                    self._partial is not None
+                    or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
+                ):
+                    conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
+                    on_deliver(frame)
+                    continue
+                on_inbound(frame)
+            return
         transport = conn.transport
         read_frame = transport.read_frame
         on_frame = conn.on_inbound_frame
@@ -1466,6 +1513,82 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         finally:
             with contextlib.suppress(OSError):
                 sock.settimeout(previous)
+
+    def _read_frame(self, *args: Any) -> tuple[int, int, bytes]:
+        """``transport.read_frame`` for py-amqp's own waits: the next frame that is not
+        part of a delivery on the consume channel (those go to :meth:`_on_deliver_frame`)."""
+        reader = self._reader
+        conn = self._conn
+        if reader is None or conn is None:
+            raise OSError("event source connection lost")
+        while True:
+            frame = reader.read_frame(*args)
+            if frame[1] == self._consume_id and (
+                self._partial is not None
+                or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
+            ):
+                conn.bytes_recv += 1
+                self._on_deliver_frame(frame)
+                continue
+            return frame
+
+    def _on_deliver_frame(self, frame: tuple[int, int, bytes]) -> None:
+        """A frame of a basic.deliver on the consume channel, assembled into a Delivery
+        with what py-amqp's frame handler, Channel and :func:`_to_delivery` would make."""
+        frame_type, _, payload = frame
+        partial = self._partial
+        body: Any
+        if partial is None:  # the method frame (checked by the caller)
+            self._partial = [_deliver_args(payload), None, 0, [], 0]
+            return
+        if frame_type == 2 and partial[1] is None:
+            size = _BODY_SIZE.unpack_from(payload, 4)[0]
+            from amqp.serialization import decode_properties_basic
+
+            partial[1] = decode_properties_basic(payload, 12)[0]
+            partial[2] = size
+            if size:
+                return
+            body = b""
+        elif frame_type == 3 and partial[1] is not None:
+            chunks: list[bytes] = partial[3]
+            chunks.append(payload)
+            partial[4] += len(payload)
+            if partial[4] < partial[2]:
+                return
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        else:
+            expected = 2 if partial[1] is None else 3
+            raise _unexpected(f"Received frame {frame_type} while expecting type: {expected}")
+        self._partial = None
+        channel = self._channel
+        if channel is None or channel.is_closing:
+            return  # py-amqp ignores what arrives on a closing channel
+        consumer_tag, delivery_tag, redelivered, exchange, routing_key = partial[0]
+        props: dict[str, Any] = partial[1] if partial[1] is not None else {}
+        if consumer_tag != self._consumer_tag:  # as py-amqp: nobody consumes with that tag
+            log.warning("rejecting delivery %s for unknown consumer %r", delivery_tag,
+                        consumer_tag)
+            channel.basic_reject(delivery_tag, requeue=True)
+            return
+        if "content_encoding" in props and channel.auto_decode:
+            with contextlib.suppress(Exception):  # as py-amqp: keep the bytes if it fails
+                body = _as_bytes(body.decode(props["content_encoding"]))
+        headers = props.get("application_headers")
+        epoch = self._epoch
+        self._buffer.append(Delivery(
+            body=body,
+            delivery_tag=encode_tag(epoch, delivery_tag),
+            content_type=props.get("content_type"),
+            headers=dict(headers) if headers else {},
+            reply_to=props.get("reply_to"),
+            correlation_id=props.get("correlation_id"),
+            redelivered=redelivered,
+            routing_key=routing_key,
+            properties={k: v for k, v in props.items() if k not in _OWN_FIELDS},
+            epoch=epoch,
+            exchange=exchange,
+        ))
 
     def _wait(self, deadline: float, done: Callable[[], bool]) -> None:
         """Process frames until ``done()``, the deadline, or a wake()."""
@@ -1512,7 +1635,8 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
             if time.monotonic() >= deadline:
                 break
         epoch = self._epoch
-        out = [_to_delivery(m, epoch) for m in buffer]
+        # Deliveries assembled by _on_deliver_frame are ready; py-amqp's (SSL) are not.
+        out = [m if type(m) is Delivery else _to_delivery(m, epoch) for m in buffer]
         buffer.clear()
         self._counts["delivered"] += len(out)
         return out
@@ -1630,8 +1754,13 @@ class AmqpClientLink(_AmqpLink):
             self._keepalive.start()
 
     def _setup(self, conn: Any) -> None:
-        confirm = conn.channel()
-        self._t._declare_on(confirm)
+        topo = self._t.topology
+        # Checked passively (plus the shard record), so a reporting service needs no
+        # configure permission on the owner's queues once an owner has declared them.
+        confirm = self._t._declare_shared(
+            conn, [(topo.commands_exchange, "direct")],
+            [q for q, _ in topo.owner_queues()], record=True,
+        )
         confirm.confirm_select()
         confirm.events["basic_ack"].add(self._tracker.on_ack)
         confirm.events["basic_nack"].add(self._tracker.on_nack)
@@ -1955,16 +2084,67 @@ class AmqpTransport:
             self.url,
             connect_timeout=self.connect_timeout,
             heartbeat=self.heartbeat,
-            ssl=self.ssl if self.ssl is not None else False,
+            # A copy: kombu writes the host name into a dict's server_hostname.
+            ssl=dict(self.ssl) if isinstance(self.ssl, dict) else bool(self.ssl),
             transport_options=options,
         )
 
     def _declare_on(self, channel: Any) -> None:
-        declare_topology(channel, self.topology)
+        try:
+            declare_topology(channel, self.topology)
+        except amqp_exc.PreconditionFailed as exc:
+            mismatch = self._shard_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
         for name, _ in self.topology.exchanges():
             self._note("exchange", name)
         for name in self.topology.queue_names():
             self._note("queue", name)
+
+    def _shard_mismatch(self, exc: BaseException) -> ShardMismatchError | None:
+        """The clear error for a refused shard record, or None for other refusals."""
+        text = str(exc)
+        if self.topology.shard_record not in text:
+            return None
+        stored = stored_shards(self.topology, text)
+        return ShardMismatchError(self.topology.prefix, self.topology.shards, stored)
+
+    def _declare_shared(
+        self,
+        conn: Any,
+        exchanges: Sequence[tuple[str, str]],
+        queues: Sequence[str],
+        *,
+        record: bool = False,
+    ) -> Any:
+        """A channel, after checking the shared topology a client or subscriber uses.
+
+        Passive declares need no permission, so a restricted user only needs the names it
+        creates itself. When something is missing (no owner has run yet) the whole topology
+        is declared, which needs configure permission (guest has it; a restricted user gets
+        AccessRefusedError saying so). ``record``: also check the shard count (a client
+        routes by it).
+        """
+        ch = conn.channel()
+        try:
+            for name, kind in exchanges:
+                ch.exchange_declare(name, kind, passive=True)
+            for queue in queues:
+                ch.queue_declare(queue, passive=True)
+        except amqp_exc.NotFound:
+            ch = conn.channel()  # the failed check closed the other one
+            self._declare_on(ch)
+            return ch
+        if record:
+            try:
+                declare_shard_record(ch, self.topology)
+            except amqp_exc.PreconditionFailed as exc:
+                mismatch = self._shard_mismatch(exc)
+                if mismatch is None:
+                    raise
+                raise mismatch from exc
+        return ch
 
     def _note(self, kind: str, name: str) -> None:
         self._declared.add((kind, name))

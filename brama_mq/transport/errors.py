@@ -8,11 +8,17 @@ its masked URL, and any password that slipped into a library's message is scrubb
 from __future__ import annotations
 
 import socket
+import ssl
 from urllib.parse import unquote, urlsplit
 
 import amqp.exceptions as amqp_exc
 
-from brama_mq.errors import BrokerUnavailableError, ConfirmError, TransportError
+from brama_mq.errors import (
+    AccessRefusedError,
+    BrokerUnavailableError,
+    ConfirmError,
+    TransportError,
+)
 
 __all__ = [
     "FATAL_ERRORS",
@@ -42,6 +48,8 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (
     amqp_exc.NotAllowed,
     amqp_exc.InvalidPath,
     amqp_exc.PreconditionFailed,
+    # The broker's certificate was not accepted: reconnecting presents the same one.
+    ssl.SSLCertVerificationError,
 )
 
 
@@ -112,7 +120,19 @@ def map_error(
     detail = describe(exc, url)
     where = mask_url(url)
     if kind is None:
-        if isinstance(exc, amqp_exc.AccessRefused | amqp_exc.NotAllowed | amqp_exc.InvalidPath):
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            kind = TransportError
+            detail += (" (TLS: the broker's certificate was not accepted; set "
+                       "BRAMA_TLS_CA_FILE / --tls-ca-file to the CA that signed it and connect "
+                       "by a host name the certificate names, or turn verification off with "
+                       "BRAMA_TLS_VERIFY=false for a test broker)")
+        elif isinstance(exc, amqp_exc.AccessRefused) and "login" not in str(exc).lower():
+            # A channel-level refusal: logged in, but the user's permissions (configure,
+            # write, read regexes) do not cover this exchange or queue.
+            kind = AccessRefusedError
+            detail += (" (this user's permissions do not allow it; see the permission "
+                       "layout in docs/operations.md)")
+        elif isinstance(exc, amqp_exc.AccessRefused | amqp_exc.NotAllowed | amqp_exc.InvalidPath):
             kind = TransportError
             detail += " (check the user, password and virtual host)"
         elif isinstance(exc, OSError | EOFError | amqp_exc.ConnectionError | socket.timeout):

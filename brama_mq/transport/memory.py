@@ -780,7 +780,7 @@ class MemoryTransport:
                     delivery_limit=t.delivery_limit,
                 )
                 b.bind(queue, t.commands_exchange, key)
-            b.declare_queue(t.dead_queue, durable=True)
+            b.declare_queue(t.dead_queue, durable=True, max_length=t.dead_max_length)
             b.bind(t.dead_queue, t.dead_exchange, "")
             for stream, _ in t.streams():
                 b.declare_stream(stream)

@@ -8,17 +8,23 @@ and routing keys without touching the broker. :func:`declare_topology` and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 __all__ = [
+    "DEFAULT_DEAD_MAX_BYTES",
+    "DEFAULT_DEAD_MAX_LENGTH",
     "DEFAULT_DELIVERY_LIMIT",
     "DEFAULT_PREFIX",
     "AmqpChannelLike",
     "Topology",
+    "declare_shard_record",
     "declare_topology",
     "delete_topology",
     "event_queue_arguments",
+    "permission_layout",
+    "stored_shards",
     "stream_arguments",
 ]
 
@@ -32,6 +38,18 @@ DEFAULT_DELIVERY_LIMIT = 20
 JOURNAL_MAX_BYTES = 256 * 1024 * 1024
 SNAPSHOT_MAX_BYTES = 64 * 1024 * 1024
 STREAM_SEGMENT_BYTES = 8 * 1024 * 1024
+#: How RabbitMQ words an inequivalent ``x-max-length`` (3.8 to 3.13 at least):
+#: ``... for queue 'p.shards' in vhost '/': received '3' but current is '2'``.
+_RECORD_MISMATCH: Final = re.compile(
+    r"inequivalent arg 'x-max-length' for queue '(?P<queue>[^']*)'.*?"
+    r"current is (?:the value )?'(?P<stored>\d+)'"
+)
+#: Bounds of ``{prefix}.dead``: beyond either, the broker drops the *oldest* dead letters
+#: (``drop-head``), so a flood of bad commands can neither fill the broker nor block the
+#: owner (reject-publish would nack its dead letters, which it republishes until
+#: confirmed). Every dead letter is also logged by the owner with its reason.
+DEFAULT_DEAD_MAX_LENGTH = 100_000
+DEFAULT_DEAD_MAX_BYTES = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +59,8 @@ class Topology:
     prefix: str = DEFAULT_PREFIX
     shards: int = 1
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    dead_max_length: int | None = DEFAULT_DEAD_MAX_LENGTH
+    dead_max_bytes: int | None = DEFAULT_DEAD_MAX_BYTES
 
     def __post_init__(self) -> None:
         if not self.prefix or not self.prefix.isprintable() or " " in self.prefix:
@@ -51,6 +71,10 @@ class Topology:
             raise ValueError(f"shards must be >= 1, not {self.shards}")
         if self.delivery_limit < 1:
             raise ValueError(f"delivery_limit must be >= 1, not {self.delivery_limit}")
+        for field_name in ("dead_max_length", "dead_max_bytes"):
+            value = getattr(self, field_name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{field_name} must be None or an int >= 1, not {value!r}")
 
     @property
     def commands_exchange(self) -> str:
@@ -127,6 +151,39 @@ class Topology:
             out.append((self.snapshot_stream(k), stream_arguments(SNAPSHOT_MAX_BYTES)))
         return out
 
+    @property
+    def shard_record(self) -> str:
+        """The durable queue whose arguments hold the shard count: ``{p}.shards``.
+
+        Declared with ``x-max-length`` = the shard count before any owner queue, by the
+        first process to start; a later declare with another count is refused by the
+        broker itself (PRECONDITION_FAILED), atomically, even when processes race. The
+        queue never holds a message (nothing is routed to it).
+        """
+        return f"{self.prefix}.shards"
+
+    def shard_record_arguments(self) -> dict[str, Any]:
+        """Quorum (replicated, so a cluster node going down does not hide it), length =
+        the shard count; ``x-brama-shards`` repeats it for people reading the admin UI."""
+        return {
+            "x-queue-type": "quorum",
+            "x-max-length": self.shards,
+            "x-overflow": "reject-publish",
+            "x-brama-shards": self.shards,
+        }
+    def dead_queue_arguments(self) -> dict[str, Any]:
+        """Arguments of the dead queue: bounded, the oldest dropped first (see
+        DEFAULT_DEAD_MAX_LENGTH). RabbitMQ refuses to redeclare a queue with other
+        arguments: a dead queue made without them must be drained and deleted first."""
+        args: dict[str, Any] = {}
+        if self.dead_max_length is not None:
+            args["x-max-length"] = self.dead_max_length
+        if self.dead_max_bytes is not None:
+            args["x-max-length-bytes"] = self.dead_max_bytes
+        if args:
+            args["x-overflow"] = "drop-head"
+        return args
+
     def subscription_queue(self, name: str) -> str:
         """The durable queue of the named subscription ``name``: ``{p}.sub.<name>``."""
         _check_subscription_name(self.prefix, name)
@@ -148,7 +205,7 @@ class Topology:
     def queue_names(self) -> list[str]:
         """Every queue name the topology declares."""
         return (
-            [q for q, _ in self.owner_queues()] + [self.dead_queue]
+            [q for q, _ in self.owner_queues()] + [self.dead_queue, self.shard_record]
             + [name for name, _ in self.streams()]
         )
 
@@ -160,6 +217,51 @@ def stream_arguments(max_bytes: int) -> dict[str, Any]:
         "x-max-length-bytes": max_bytes,
         "x-stream-max-segment-size-bytes": min(STREAM_SEGMENT_BYTES, max_bytes),
     }
+
+
+#: The roles of :func:`permission_layout`.
+ROLES: Final = ("owner", "reporter", "subscriber", "durable_subscriber")
+
+
+def permission_layout(prefix: str = DEFAULT_PREFIX) -> dict[str, tuple[str, str, str]]:
+    """RabbitMQ permissions ``(configure, write, read)`` per role, for ``set_permissions``.
+
+    * ``owner``: everything under the prefix, plus writing to the default exchange
+      (``amq.default``), which carries RPC replies to direct reply-to.
+    * ``reporter`` (services that report outcomes and read states): publish to
+      ``{p}.commands``; declare/check the shard record; its own server-named queues
+      (``amq.gen-*``, exclusive to its connection) bound to ``{p}.events``. Nothing on the
+      owner queues, no publishing to ``{p}.events``.
+    * ``subscriber``: server-named queues bound to ``{p}.events``; nothing else.
+    * ``durable_subscriber``: also named subscriptions (``{p}.sub.*``); their dead-letter
+      queue is fed through the default exchange, so this role writes to ``amq.default``,
+      which RabbitMQ cannot limit by queue: grant it only where that is acceptable.
+    """
+    p = re.escape(prefix)
+    gen = r"amq\.gen-.*"
+    return {
+        "owner": (rf"^{p}\..*$", rf"^({p}\..*|amq\.default)$", rf"^{p}\..*$"),
+        "reporter": (
+            rf"^({gen}|{p}\.shards)$",
+            rf"^({gen}|{p}\.commands)$",
+            rf"^({gen}|{p}\.events)$",
+        ),
+        "subscriber": (rf"^{gen}$", rf"^{gen}$", rf"^({gen}|{p}\.events)$"),
+        "durable_subscriber": (
+            rf"^({gen}|{p}\.sub\..*)$",
+            rf"^({gen}|{p}\.sub\..*|amq\.default)$",
+            rf"^({gen}|{p}\.sub\..*|{p}\.events)$",
+        ),
+    }
+
+
+def stored_shards(topology: Topology, message: str) -> int | None:
+    """The count the broker holds, from the text of a PRECONDITION_FAILED about the shard
+    record; None when ``message`` is about something else (or worded unexpectedly)."""
+    m = _RECORD_MISMATCH.search(message)
+    if m is None or m.group("queue") != topology.shard_record:
+        return None
+    return int(m.group("stored"))
 
 
 def _check_subscription_name(prefix: str, name: object) -> None:
@@ -249,18 +351,33 @@ def declare_topology(channel: AmqpChannelLike, topology: Topology) -> None:
     """Declare every exchange, queue and binding of ``topology`` (idempotent).
 
     A queue that already exists with other arguments makes the broker close the channel
-    with PRECONDITION_FAILED; the caller maps that to a TransportError.
+    with PRECONDITION_FAILED; the caller maps that to a TransportError. The shard record
+    goes first, so a process with the wrong count stops before it declares any owner queue
+    of its own count.
     """
+    declare_shard_record(channel, topology)
     for name, kind in topology.exchanges():
         channel.exchange_declare(name, kind, durable=True, auto_delete=False)
     args = topology.owner_queue_arguments()
     for queue, key in topology.owner_queues():
         channel.queue_declare(queue, durable=True, auto_delete=False, arguments=dict(args))
         channel.queue_bind(queue, topology.commands_exchange, key)
-    channel.queue_declare(topology.dead_queue, durable=True, auto_delete=False)
+    channel.queue_declare(topology.dead_queue, durable=True, auto_delete=False,
+                          arguments=topology.dead_queue_arguments())
     channel.queue_bind(topology.dead_queue, topology.dead_exchange, "")
     for stream, stream_args in topology.streams():
         channel.queue_declare(stream, durable=True, auto_delete=False, arguments=stream_args)
+
+
+def declare_shard_record(channel: AmqpChannelLike, topology: Topology) -> None:
+    """Declare (first start) or check (later ones) the shard record; see
+    :attr:`Topology.shard_record`. Needs configure permission on that one queue only."""
+    channel.queue_declare(
+        topology.shard_record,
+        durable=True,
+        auto_delete=False,
+        arguments=topology.shard_record_arguments(),
+    )
 
 
 def delete_topology(channel: AmqpChannelLike, topology: Topology) -> None:

@@ -1,0 +1,287 @@
+"""compose/: the docker-compose stack, checked without Docker (none on these machines).
+
+The compose file is parsed; every service built from our Dockerfile must run a command
+that exists (a console script of an installed distribution, or ``python -m`` of an
+importable module, with options its parser accepts); Prometheus must scrape what the
+services serve; the Grafana dashboard must ask for metrics brama_mq exports. Then the
+same commands run as local processes against the local RabbitMQ, under this test's
+prefix: two owners (one active), the registration, a prefork Celery worker and the
+monitor; a failing payment service opens the circuit, the monitor alerts, and the
+metrics endpoints say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from brama_mq.cli import main as cli_main
+from brama_mq.transport import Topology
+from tests import brokers
+from tests.metrics_helpers import free_port, scrape, value, wait_for
+from tests.worker_proc import ROOT, worker_env
+
+COMPOSE = ROOT / "compose"
+COMPOSE_BROKER = "amqp://brama:brama@rabbitmq:5672//"
+
+
+def load_compose() -> dict[str, Any]:
+    data = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def built_services(compose: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose["services"].items() if "build" in svc}
+
+
+def test_compose_file_has_the_stack() -> None:
+    """RabbitMQ with the management and prometheus plugins, two owners, a Celery worker
+    running workers/celery_app.py, the monitor, and a Dockerfile that builds the package."""
+    compose = load_compose()
+    services = compose["services"]
+    assert {"rabbitmq", "owner-a", "owner-b", "celery", "monitor"} <= set(services)
+    rabbit = services["rabbitmq"]
+    plugins_file = next(v.split(":")[0] for v in rabbit["volumes"] if "enabled_plugins" in v)
+    plugins = (COMPOSE / plugins_file).read_text()
+    assert "rabbitmq_management" in plugins and "rabbitmq_prometheus" in plugins
+    assert "management" in rabbit["image"]
+    owners = [n for n, s in built_services(compose).items() if s["command"][:2] ==
+              ["brama-mq", "worker"]]
+    assert len(owners) == 2
+    assert "workers.celery_app" in services["celery"]["command"]
+    assert services["monitor"]["command"][:3] == ["python", "-m", "workers.monitor"]
+    for svc in built_services(compose).values():
+        build = svc["build"]
+        dockerfile = (COMPOSE / build["context"] / build["dockerfile"]).resolve()
+        assert dockerfile.is_file(), dockerfile
+        text = dockerfile.read_text()
+        for needed in ("brama_mq", "workers", "pyproject.toml", "celery,metrics"):
+            assert needed in text, needed
+
+
+def check_entry_point(argv: Sequence[str]) -> None:
+    """``argv[0]`` is a console script of an installed distribution (or ``python -m`` of
+    an importable module) and accepts the rest of ``argv``."""
+    head, rest = argv[0], list(argv[1:])
+    if head == "python":
+        assert rest[0] == "-m", argv
+        module = rest[1]
+        assert importlib.util.find_spec(module) is not None, f"{module} is not importable"
+        source = Path(importlib.util.find_spec(module).origin or "").read_text()
+        assert 'if __name__ == "__main__"' in source, f"{module} cannot run with -m"
+        mod = __import__(module, fromlist=["main"])
+        with pytest.raises(SystemExit) as exit_info:  # its parser accepts the options
+            mod.main([*rest[2:], "--help"])
+        assert exit_info.value.code == 0, argv
+        return
+    found = importlib.metadata.entry_points(group="console_scripts", name=head)
+    assert found, f"{head} is no console script of an installed distribution"
+    if head == "brama-mq":
+        assert next(iter(found)).value == "brama_mq.cli:main"
+        name, command, args = cli_main.resolve_command(
+            cli_main.make_context(head, list(rest), resilient_parsing=True), list(rest)
+        )
+        assert command is not None, argv
+        command.make_context(str(name), list(args))  # raises on an unknown option
+        return
+    if head == "celery":
+        assert rest[:2] == ["-A", "workers.celery_app"]
+        assert importlib.util.find_spec("workers.celery_app") is not None
+
+
+def test_every_service_command_is_an_entry_point() -> None:
+    """Every brama_mq service's command exists and parses; the Dockerfile's CMD too."""
+    compose = load_compose()
+    for name, svc in built_services(compose).items():
+        command = svc["command"]
+        assert isinstance(command, list), f"{name}: write the command as a list"
+        check_entry_point(command)
+    cmd = re.search(r"^CMD (\[.*\])$", (COMPOSE / "Dockerfile").read_text(), re.M)
+    assert cmd is not None
+    check_entry_point(json.loads(cmd.group(1)))
+
+
+def metrics_port(svc: Mapping[str, Any]) -> int | None:
+    command = svc.get("command", [])
+    if "--metrics-port" in command:
+        return int(command[command.index("--metrics-port") + 1])
+    env = svc.get("environment") or {}
+    return int(env["BRAMA_METRICS_PORT"]) if "BRAMA_METRICS_PORT" in env else None
+
+
+def test_prometheus_scrapes_every_metrics_endpoint_and_the_dashboard_asks_for_ours() -> None:
+    """Prometheus' targets are the services' metrics ports (and RabbitMQ's plugin port);
+    every brama_* metric of the dashboard is one brama_mq exports."""
+    compose = load_compose()
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"]
+               for t in sc["targets"]}
+    serving = {f"{name}:{port}" for name, svc in compose["services"].items()
+               if (port := metrics_port(svc)) is not None}
+    assert serving and serving <= targets, (serving, targets)
+    assert "rabbitmq:15692" in targets
+    for target in targets:
+        assert target.split(":")[0] in compose["services"], target
+    dashboard = json.loads((COMPOSE / "grafana/dashboards/brama.json").read_text())
+    exported = {"brama_circuit_state", "brama_failure_count", "brama_events_total",
+                "brama_commands_total", "brama_dead_letters_total",
+                "brama_confirm_latency_seconds_bucket", "brama_owner_active",
+                "brama_guard_checks_total"}
+    asked = {m for p in dashboard["panels"] for t in p["targets"]
+             for m in re.findall(r"brama_[a-z_]+", t["expr"])}
+    assert asked == exported, asked ^ exported
+
+
+class Service:
+    """One compose service's command as a local process (own process group, one log)."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str],
+                 log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            local_argv(argv), env=dict(env), cwd=ROOT, stdout=self._log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n"
+                                     f"{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not log {text!r}:\n"
+                                     f"{self.output()[-4000:]}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(15)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            self._log.close()
+
+
+def local_argv(argv: Sequence[str]) -> list[str]:
+    """The container's command, run from this checkout with this Python."""
+    head, rest = argv[0], list(argv[1:])
+    if head == "brama-mq":
+        return [sys.executable, "-m", "brama_mq.cli", *rest]
+    if head == "celery":
+        return [sys.executable, "-m", "celery", *rest]
+    assert head == "python", argv
+    return [sys.executable, *rest]
+
+
+def local_env(svc: Mapping[str, Any], replace: Mapping[str, str],
+              extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+    env = {k: replace.get(v, v) for k, v in env.items()}
+    return worker_env({**env, **extra})
+
+
+@pytest.mark.broker
+def test_the_stack_runs_as_local_processes(
+    broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry
+) -> None:
+    """The compose services' own commands, run locally: one owner active, the other
+    standby; setup registers payment_api; a failing service opens the circuit through
+    the prefork Celery worker; the monitor alerts; the metrics endpoints show it."""
+    compose = load_compose()
+    services = built_services(compose)
+    topology = Topology(prefix)
+    queue = f"{prefix}-payments"
+    broker_registry.track(prefix, broker_url, queues=[
+        queue, topology.subscription_queue("ops-alerts"),
+        topology.subscription_dead_queue("ops-alerts"), *topology.queue_names(),
+    ], exchanges=[queue, *(name for name, _ in topology.exchanges())])
+    replace = {COMPOSE_BROKER: broker_url, "brama": prefix}
+    common = {"PAYMENTS_QUEUE": queue, "PAYMENT_SERVICE_DIR": str(tmp_path / "service")}
+    ports = {name: free_port() for name in services}
+    running: dict[str, Service] = {}
+
+    def start(name: str) -> Service:
+        svc = services[name]
+        argv = list(svc["command"])
+        extra = dict(common)
+        if "--metrics-port" in argv:  # one host: every endpoint needs a port of its own
+            argv[argv.index("--metrics-port") + 1] = str(ports[name])
+        if "BRAMA_METRICS_PORT" in (svc.get("environment") or {}):
+            extra["BRAMA_METRICS_PORT"] = str(ports[name])
+            extra["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / f"prom-{name}")
+        running[name] = Service(name, argv, local_env(svc, replace, extra), tmp_path)
+        return running[name]
+
+    def tool(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "workers.celery_app", *args], cwd=ROOT, timeout=60,
+            env=local_env(services["celery"], replace, common), capture_output=True, text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    try:
+        start("owner-a").wait_for_log("owner serving")
+        start("owner-b").wait_for_log("owner serving")
+        setup = start("setup")
+        assert setup.proc.wait(60) == 0, setup.output()
+        start("celery").wait_for_log(" ready.", timeout=60)
+        running["celery"].wait_for_log("bootstrapped: 1 connections", timeout=30, count=2)
+        start("monitor").wait_for_log("monitor watching")
+
+        tool("fail", "1.0")
+        tool("charge", "5")
+        running["monitor"].wait_for_log("ALERT circuit opened for payments/payment_api",
+                                         timeout=30)
+        assert json.loads(tool("status"))["state"] == "open"
+
+        def owners() -> list[Any]:
+            return [scrape(ports["owner-a"]), scrape(ports["owner-b"])]
+
+        pair = wait_for(owners, lambda p: sum(value(s, "brama_owner_active") or 0
+                                              for s in p) == 1, 20, "one active owner")
+        active = next(s for s in pair if value(s, "brama_owner_active") == 1.0)
+        assert value(active, "brama_circuit_state", scope="payments",
+                     connection="payment_api", state="open") == 1.0
+        # a task checked just before the state change reached its process also ran
+        assert (value(active, "brama_commands_total", op="failure", result="applied")
+                or 0) >= 3
+        guard = scrape(ports["celery"])
+        assert (value(guard, "brama_guard_checks_total", connection="payment_api",
+                      result="closed") or 0) >= 3
+    finally:
+        for service in reversed(list(running.values())):
+            service.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_env() -> Iterator[None]:
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    yield
+    assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") == before
