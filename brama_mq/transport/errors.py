@@ -137,6 +137,10 @@ def map_error(
             detail += " (check the user, password and virtual host)"
         elif isinstance(exc, OSError | EOFError | amqp_exc.ConnectionError | socket.timeout):
             kind = BrokerUnavailableError
+        elif isinstance(exc, amqp_exc.NotFound) and "down or inaccessible" in str(exc):
+            # A durable queue or stream whose home node is still starting (or gone):
+            # the broker is not fully there yet, which a retry cures.
+            kind = BrokerUnavailableError
         else:
             kind = TransportError
     return kind(f"{what} failed ({where}): {detail}")
