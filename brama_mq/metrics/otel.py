@@ -12,7 +12,7 @@ whatever reader/exporter the application configured on its ``MeterProvider``::
     OtelOwnerMetrics().attach()          # the global meter provider
 
 ``brama_owner_active`` relies on deliveries reaching the active owner; in an idle
-deployment start :class:`~brama_mq.metrics.prometheus.OwnerProbe` beside it (the
+deployment start :class:`~brama_mq.metrics.probe.OwnerProbe` beside it (the
 Prometheus endpoint of ``brama-mq worker --metrics-port`` does).
 """
 
@@ -88,3 +88,25 @@ class OtelOwnerMetrics(OwnerSink):
 
     def observe_confirm(self, seconds: float) -> None:
         self.confirm_latency.record(seconds)
+
+
+class OtelAttachment:
+    """What :func:`attach_to_owner` started; ``close()`` detaches it."""
+
+    def __init__(self, metrics: OtelOwnerMetrics, probe: Any) -> None:
+        self.metrics = metrics
+        self.probe = probe
+
+    def close(self) -> None:
+        if self.probe is not None:
+            self.probe.stop()
+        self.metrics.detach()
+
+
+def attach_to_owner(owner: Any, meter_provider: Any = None, *,
+                    probe: bool = True) -> OtelAttachment:
+    """``brama-mq worker --otel``: the meter, attached, plus the owner activity probe."""
+    from brama_mq.metrics.probe import OwnerProbe
+
+    metrics = OtelOwnerMetrics(meter_provider).attach()
+    return OtelAttachment(metrics, OwnerProbe(owner).start() if probe else None)
