@@ -14,7 +14,7 @@ __all__ = ["ACTIVE_WINDOW_S", "STATES", "CircuitBook"]
 STATES = (CLOSED, OPEN, HALF_OPEN)
 #: An owner counts as active while it received a delivery this recently. Under
 #: single-active-consumer only the active owner gets deliveries; the owner probe
-#: (:class:`~brama_mq.metrics.prometheus.OwnerProbe`) sends one every 10 s so an idle
+#: (:class:`~brama_mq.metrics.probe.OwnerProbe`) sends one every 10 s so an idle
 #: active owner still gets some.
 ACTIVE_WINDOW_S = 30.0
 _REMOVED = ("connection_removed",)

@@ -19,12 +19,12 @@ Fed by :mod:`brama_mq.telemetry` handlers; the gauges are computed at scrape tim
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
-from brama_mq import telemetry
 from brama_mq.metrics.book import STATES, CircuitBook
+from brama_mq.metrics.probe import OwnerProbe
+from brama_mq.metrics.sink import OwnerSink
 
 __all__ = ["OwnerMetrics", "OwnerProbe", "serve_owner_metrics"]
 
@@ -72,16 +72,16 @@ class _BookCollector:
         yield active
 
 
-class OwnerMetrics:
+class OwnerMetrics(OwnerSink):
     """The owner's metrics in a registry of their own, fed by telemetry while attached."""
 
     def __init__(self, registry: Any = None, *, handler_id: str = "brama-prometheus") -> None:
         _require_prometheus()
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
+        super().__init__()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.handler_id = handler_id
-        self.book = CircuitBook()
         self.registry.register(_BookCollector(self.book))
         self.events = Counter("brama_events", "Events the owner published, by type",
                               ["event"], registry=self.registry)
@@ -96,82 +96,20 @@ class OwnerMetrics:
         )
 
     def attach(self) -> OwnerMetrics:
-        telemetry.attach(self.handler_id, telemetry.EVENTS, self.handle)
+        super().attach()
         return self
 
-    def detach(self) -> None:
-        telemetry.detach(self.handler_id)
+    def count_event(self, event: str) -> None:
+        self.events.labels(event).inc()
 
-    def handle(self, name: telemetry.EventName, measurements: Mapping[str, Any],
-               metadata: Mapping[str, Any]) -> None:
-        kind = name[-1]
-        if kind == "event":
-            event = metadata["event"]
-            self.events.labels(event.event).inc()
-            self.book.apply(event)
-        elif kind == "batch":
-            self.book.saw_deliveries()
-            for (op, result), n in metadata["ops"].items():
-                self.commands.labels(op, result).inc(n)
-        elif kind == "dead_letter":
-            reason = metadata["reason"]
-            self.dead_letters.labels(reason).inc()
-            if reason == "decode":  # never reached the engine: its op is unknown
-                self.commands.labels("invalid", "decode").inc()
-        elif kind == "confirm":
-            self.confirm_latency.observe(measurements["duration"])
-        elif kind == "start":
-            self.book.seed(metadata["owner"].engine.statuses())
-            self.book.running = True
-        elif kind == "stop":
-            self.book.running = False
+    def count_commands(self, op: str, result: str, n: int) -> None:
+        self.commands.labels(op, result).inc(n)
 
+    def count_dead_letter(self, reason: str) -> None:
+        self.dead_letters.labels(reason).inc()
 
-class OwnerProbe:
-    """Sends the owner's queue a reply-less ``snapshot`` query every ``interval`` s.
-
-    Single-active-consumer gives deliveries only to the active owner, and an idle active
-    owner gets none; this trickle (answered by nobody, since it asks for no reply)
-    lets the active one notice it is active. A standby's probe reaches the active owner.
-    """
-
-    def __init__(self, owner: Any, interval: float = 10.0) -> None:
-        self.owner = owner
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="brama-owner-probe", daemon=True)
-
-    def start(self) -> OwnerProbe:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        from brama_mq.owner.service import wall_clock_ms
-        from brama_mq.protocol import encode_command, make_command
-
-        owner = self.owner
-        if not owner.ready.wait(60):
-            return
-        key = owner.transport.topology.owner_key(owner.shard)
-        link = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    if link is None:
-                        link = owner.transport.client_link()
-                    body = encode_command(make_command("snapshot", None, None,
-                                                       now_ms=wall_clock_ms()))
-                    link.send(body, key)
-                except Exception as exc:
-                    log.debug("owner probe: %s", exc)
-                self._stop.wait(self.interval)
-        finally:
-            if link is not None:
-                link.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def observe_confirm(self, seconds: float) -> None:
+        self.confirm_latency.observe(seconds)
 
 
 class MetricsServer:
