@@ -75,8 +75,10 @@ def test_shard_record_refuses_a_client_with_another_count(
     other = broker_registry.track_transport(prefix, AmqpTransport(broker_url, Topology(prefix, 3)))
     client = Brama(transport=other)
     with pytest.raises(ShardMismatchError) as info:
-        client.register("payment_api")
+        client.connect()
     assert (info.value.configured, info.value.stored) == (3, 2)
+    with pytest.raises(ShardMismatchError):
+        client.register("payment_api")
     assert "configured for 3 shard(s)" in str(info.value) and "says 2 shard(s)" in str(info.value)
     # The same count is accepted (and a passive client declares no owner queue).
     same = broker_registry.track_transport(prefix, AmqpTransport(broker_url, Topology(prefix, 2)))
