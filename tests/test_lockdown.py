@@ -7,6 +7,7 @@ certificate the fixture makes with the openssl CLI; users get exactly the permis
 
 from __future__ import annotations
 
+import logging
 import secrets
 import subprocess
 import time
@@ -290,10 +291,13 @@ def test_tls_worker_client_and_subscriber(
 
 
 def test_no_password_in_output(
-    locked: Locked, tmp_path: Path, workers: list[WorkerProcess]
+    locked: Locked, tmp_path: Path, workers: list[WorkerProcess],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The broker password appears nowhere: not in the worker's log (debug level, a
-    reconnect, a refused login), not in CLI output or errors, not in client errors."""
+    reconnect, a refused login), not in CLI output or errors, not in the client's log
+    (a reconnect) or its errors, not in the repr of settings and transports."""
+    caplog.set_level(logging.DEBUG, logger="brama_mq")
     node, prefix = locked.node, f"sec{uuid.uuid4().hex[:8]}"
     owner = _add_user(node, "owner", prefix)
     reporter = _add_user(node, "reporter", prefix)
@@ -335,6 +339,9 @@ def test_no_password_in_output(
             outputs += [str(exc), repr(exc)]
             exc = exc.__cause__ or exc.__context__
         outputs.append(repr(c.transport))
+    outputs.append(repr(Settings.from_env({}, broker_url=bad_url)))
+    assert "reconnect" in caplog.text  # the client's own link saw the cut too
+    outputs.append(caplog.text)
     text = "\n".join(outputs)
     assert len(text) > 1000 and "s1" in text
     for secret in (good, wrong):
