@@ -84,7 +84,7 @@ def parse(args: list[str]) -> Params:
     )
     parser.add_argument("--n", type=int, default=30_000, help="(a) timed outcome commands")
     parser.add_argument("--conns", type=int, default=400, help="(a) connections")
-    parser.add_argument("--repeat", type=int, default=3, help="(a) rounds of 1 vs 2 shards")
+    parser.add_argument("--repeat", type=int, default=5, help="(a) rounds of 1 vs 2 shards")
     parser.add_argument("--idle", type=int, default=300_000, help="(b) engine connections")
     parser.add_argument("--owner-conns", type=int, default=100_000,
                         help="(b) connections registered in a real owner")
