@@ -111,6 +111,12 @@ class Settings:
         opts = self.ssl_options()
         return {} if opts is None else {"ssl": opts}
 
+    def __repr__(self) -> str:
+        # Written by hand so the password never reaches a log line or a traceback.
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values["broker_url"] = redact_url(self.broker_url)
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in values.items()) + ")"
+
     @property
     def safe_broker_url(self) -> str:
         return redact_url(self.broker_url)

@@ -7,6 +7,7 @@ certificate the fixture makes with the openssl CLI; users get exactly the permis
 
 from __future__ import annotations
 
+import logging
 import secrets
 import subprocess
 import time
@@ -149,20 +150,24 @@ def test_roles_do_their_job_and_nothing_else(
     locked: Locked, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
     """With the documented permissions only: the owner serves, a reporting service
-    reports outcomes and reads states (RPC and events), a subscriber receives events;
+    reports outcomes and reads states (RPC and events), a subscriber and a durable (named)
+    subscriber receive events;
     the reporter cannot publish to {p}.events nor consume {p}.owner, the subscriber cannot
     publish commands; brama_mq components raise AccessRefusedError when they try."""
     node, prefix = locked.node, f"perm{uuid.uuid4().hex[:8]}"
     owner = _add_user(node, "owner", prefix)
     reporter = _add_user(node, "reporter", prefix)
     subscriber = _add_user(node, "subscriber", prefix)
+    durable = _add_user(node, "durable_subscriber", prefix)
     topo = Topology(prefix)
     _worker(workers, tmp_path, {"BRAMA_BROKER_URL": locked.url(owner), "BRAMA_PREFIX": prefix})
 
     # The subscriber's job: events, through the public subscribe() API.
     sub = brama_mq.subscribe(broker_url=locked.url(subscriber), prefix=prefix,
                              events=["state_change"])
-    client = Brama(locked.url(reporter), prefix=prefix)
+    named = brama_mq.subscribe(broker_url=locked.url(durable), prefix=prefix, name="audit",
+                               events=["state_change"])
+    client = Brama(locked.url(reporter), prefix=prefix).connect()
     try:
         # The reporter's job: register, report, read states (RPC and its own event queue).
         client.register("payment_api", scope="pay", max_attempts=2, wait=True)
@@ -177,6 +182,9 @@ def test_roles_do_their_job_and_nothing_else(
         view.close()
         first = sub.receive(timeout=10)
         assert first is not None and first.data["new_state"] == "open"
+        kept = named.receive(timeout=10)
+        assert kept is not None and kept.data["new_state"] == "open"
+        named.delete()  # its own queues: within its configure permission
 
         # What they must not do, seen on the wire ...
         msg = amqp.Message(b"{}")
@@ -198,6 +206,7 @@ def test_roles_do_their_job_and_nothing_else(
             intruder.open("payment_api", scope="pay")
     finally:
         sub.close()
+        named.close()
         client.disconnect()
 
 
@@ -282,10 +291,13 @@ def test_tls_worker_client_and_subscriber(
 
 
 def test_no_password_in_output(
-    locked: Locked, tmp_path: Path, workers: list[WorkerProcess]
+    locked: Locked, tmp_path: Path, workers: list[WorkerProcess],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The broker password appears nowhere: not in the worker's log (debug level, a
-    reconnect, a refused login), not in CLI output or errors, not in client errors."""
+    reconnect, a refused login), not in CLI output or errors, not in the client's log
+    (a reconnect) or its errors, not in the repr of settings and transports."""
+    caplog.set_level(logging.DEBUG, logger="brama_mq")
     node, prefix = locked.node, f"sec{uuid.uuid4().hex[:8]}"
     owner = _add_user(node, "owner", prefix)
     reporter = _add_user(node, "reporter", prefix)
@@ -327,6 +339,9 @@ def test_no_password_in_output(
             outputs += [str(exc), repr(exc)]
             exc = exc.__cause__ or exc.__context__
         outputs.append(repr(c.transport))
+    outputs.append(repr(Settings.from_env({}, broker_url=bad_url)))
+    assert "reconnect" in caplog.text  # the client's own link saw the cut too
+    outputs.append(caplog.text)
     text = "\n".join(outputs)
     assert len(text) > 1000 and "s1" in text
     for secret in (good, wrong):

@@ -87,6 +87,14 @@ class Brama:
                 link = self._link
         return link
 
+    def connect(self) -> Brama:
+        """Connect now instead of at the first call, to fail at start-up: an unreachable
+        broker, refused credentials or permissions, a TLS certificate not accepted, or a
+        shard count other than the broker's record (:class:`ShardMismatchError`, naming
+        both counts) raise here. Local views and Celery guards connect at start anyway."""
+        _ = self.link
+        return self
+
     def _route(self, scope: str | None, connection: str | None) -> str:
         shards = self.transport.topology.shards
         if shards <= 1 or connection is None:

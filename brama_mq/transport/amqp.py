@@ -1316,7 +1316,9 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
     def _setup(self, conn: Any) -> None:
         # Only its own queues: the shared topology is checked passively (a subscriber's
         # permissions need not cover the owner's queues).
-        ch = self._t._declare_shared(conn, [(self._t.topology.events_exchange, "topic")], [])
+        ch = self._t._declare_shared(
+            conn, [(self._t.topology.events_exchange, "topic")], [], owner_side=False
+        )
         if self._dead_queue is not None:
             ch.queue_declare(self._dead_queue, durable=True, auto_delete=False)
             self._t._note("queue", self._dead_queue)
@@ -2074,6 +2076,7 @@ class AmqpTransport:
         queues: Sequence[str],
         *,
         record: bool = False,
+        owner_side: bool = True,
     ) -> Any:
         """A channel, after checking the shared topology a client or subscriber uses.
 
@@ -2081,7 +2084,8 @@ class AmqpTransport:
         creates itself. When something is missing (no owner has run yet) the whole topology
         is declared, which needs configure permission (guest has it; a restricted user gets
         AccessRefusedError saying so). ``record``: also check the shard count (a client
-        routes by it).
+        routes by it). ``owner_side=False`` (subscribers): bootstrap only the exchanges, so
+        a subscriber, which does not know the shard count, never stores one.
         """
         ch = conn.channel()
         try:
@@ -2091,7 +2095,12 @@ class AmqpTransport:
                 ch.queue_declare(queue, passive=True)
         except amqp_exc.NotFound:
             ch = conn.channel()  # the failed check closed the other one
-            self._declare_on(ch)
+            if owner_side:
+                self._declare_on(ch)
+            else:
+                for name, kind in self.topology.exchanges():
+                    ch.exchange_declare(name, kind, durable=True, auto_delete=False)
+                    self._note("exchange", name)
             return ch
         if record:
             try:
