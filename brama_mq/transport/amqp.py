@@ -21,6 +21,7 @@ Design points, each learned the hard way:
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import functools
@@ -1339,7 +1340,10 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         )
         self._channel = ch
         self._partial = None
-        self._reader = reader = _install_reader(conn)
+        # Only on a native socket: gevent's and eventlet's wait inside recv(MSG_DONTWAIT)
+        # instead of failing with EAGAIN, which would stall this source's waits.
+        native = isinstance(getattr(conn.transport, "sock", None), _socket.socket)
+        self._reader = reader = _install_reader(conn) if native else None
         if reader is not None and _OWN_DELIVER:
             # Every read, py-amqp's own waits (bind-ok, confirms) included, passes the
             # consume channel's deliveries to _on_deliver_frame: none is half-read by both.
