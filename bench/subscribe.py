@@ -24,7 +24,11 @@ after round (``--rounds``, default 2), each condition's best run counting:
 ``fanout_ratio = brama / alone``; ``fanout_ratio_raw_consumer`` and
 ``fanout_ratio_bindings_only`` likewise. On a small machine the subscriber, the owner and
 the broker share the CPUs, so the references show what consuming the stream costs there
-whoever consumes it.
+whoever consumes it; ``bound`` is the ceiling of any subscriber (the broker's work alone).
+``cpu_ms_per_1k_commands`` gives, per condition, the CPU the bench process (the owner),
+the broker (the oldest ``beam.smp``: on a shared broker it includes others' load) and
+the subscriber child used during the drains, and ``cpu_busy_cores`` their sum over the
+wall time.
 
 **consumer_ratio.** A named subscription's durable queue (bound ``#``) is filled with
 ``M`` events (real event bodies, published straight to the events exchange, confirmed),

@@ -21,8 +21,10 @@ Design points, each learned the hard way:
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
+import functools
 import logging
 import random
 import select
@@ -1345,12 +1347,15 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         )
         self._channel = ch
         self._partial = None
-        self._reader = reader = _install_reader(conn)
+        # Only on a native socket: gevent's and eventlet's wait inside recv(MSG_DONTWAIT)
+        # instead of failing with EAGAIN, which would stall this source's waits.
+        native = isinstance(getattr(conn.transport, "sock", None), _socket.socket)
+        self._reader = reader = _install_reader(conn) if native else None
         if reader is not None and _OWN_DELIVER:
             # Every read, py-amqp's own waits (bind-ok, confirms) included, passes the
             # consume channel's deliveries to _on_deliver_frame: none is half-read by both.
             self._consume_id = ch.channel_id
-            conn.transport.read_frame = self._read_frame
+            conn.transport.read_frame = functools.partial(self._read_frame, reader, conn)
         else:
             self._consume_id = -1
         if self._dead_queue is not None:
@@ -1473,13 +1478,13 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
             with contextlib.suppress(OSError):
                 sock.settimeout(previous)
 
-    def _read_frame(self, *args: Any) -> tuple[int, int, bytes]:
-        """``transport.read_frame`` for py-amqp's own waits: the next frame that is not
-        part of a delivery on the consume channel (those go to :meth:`_on_deliver_frame`)."""
-        reader = self._reader
-        conn = self._conn
-        if reader is None or conn is None:
-            raise OSError("event source connection lost")
+    def _read_frame(self, reader: _FrameReader, conn: Any, *args: Any) -> tuple[int, int, bytes]:
+        """``transport.read_frame`` of ``conn`` for py-amqp's own waits: the next frame
+        that is not part of a delivery on the consume channel (those go to
+        :meth:`_on_deliver_frame`). Bound to its connection's reader, so a late read on a
+        replaced connection never touches the new one."""
+        if reader is not self._reader:  # a dead connection being closed: plain frames
+            return reader.read_frame(*args)
         while True:
             frame = reader.read_frame(*args)
             if frame[1] == self._consume_id and (
