@@ -606,6 +606,8 @@ def part_relay(p: Params) -> dict[str, Any]:
         )
         admin.queue(relay_queue, bind=[(topo.commands_exchange, "relay")], arguments=dict(args))
         admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")])
+        for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
+            admin.queue(stream, arguments=stream_args)
 
         names = [f"a{i:05d}" for i in range(p.conns)]
         relays: list[dict[str, Any]] = []
@@ -745,6 +747,8 @@ def part_storm(p: Params) -> dict[str, Any]:
             arguments=topo.owner_queue_arguments(),
         )
         admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")])
+        for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
+            admin.queue(stream, arguments=stream_args)
         ev = topo.events_exchange
         admin.queue(sink, bind=[(ev, "#.state_change"), (ev, "#.circuit_opened")])
         admin.queue(sync_sink, bind=[(ev, "sync.baseline.confirm")])
@@ -832,6 +836,8 @@ def part_latency(p: Params) -> dict[str, Any]:
             arguments=topo.owner_queue_arguments(),
         )
         admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")])
+        for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
+            admin.queue(stream, arguments=stream_args)
         sub = Child(
             "subscriber",
             {

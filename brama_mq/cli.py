@@ -126,6 +126,15 @@ def demo(
     "(e.g. under opentelemetry-instrument) [env BRAMA_OTEL].",
 )
 @tls_options
+@click.option(
+    "--reconnect-timeout", type=str, default=None,
+    help="Seconds one reconnect round lasts before the outage is logged and a new round "
+    "starts; the worker never gives up [env BRAMA_RECONNECT_TIMEOUT; default 60].",
+)
+@click.option(
+    "--snapshot-interval", type=str, default=None,
+    help="Seconds between registry snapshots [env BRAMA_SNAPSHOT_INTERVAL; default 10].",
+)
 def worker(
     broker_url: str | None,
     prefix: str | None,
@@ -133,13 +142,17 @@ def worker(
     shards: int | None,
     prefetch: int | None,
     log_level: str | None,
+    reconnect_timeout: str | None,
+    snapshot_interval: str | None,
     metrics_port: int | None,
     otel: bool,
 ) -> None:
     """Run a state owner: consume commands, run the breakers, publish events.
 
-    Several workers may run; the single-active-consumer queue picks the active one.
-    SIGTERM finishes and acknowledges the batch in hand, then exits 0.
+    Several workers may run; the single-active-consumer queue picks the active one and
+    the others stay hot standbys (they replay the journal). SIGTERM finishes and
+    acknowledges the batch in hand, then exits 0. Once connected, a broker outage never
+    ends the worker: it reconnects with capped backoff for as long as it takes.
 
     \b
     Examples:
@@ -159,6 +172,10 @@ def worker(
             prefetch=prefetch,
             log_level=log_level,
         )
+        reconnect_s = _seconds("reconnect-timeout", reconnect_timeout,
+                               "BRAMA_RECONNECT_TIMEOUT", 60.0)
+        snapshot_s = _seconds("snapshot-interval", snapshot_interval,
+                              "BRAMA_SNAPSHOT_INTERVAL", 10.0)
     except SettingsError as exc:
         _fail(str(exc), EXIT_USAGE)
     logging.basicConfig(
@@ -174,6 +191,7 @@ def worker(
         transport = open_transport(
             settings.broker_url,
             Topology(settings.prefix, settings.shards),
+            reconnect_timeout=reconnect_s,
             **settings.transport_options(),
         )
         owner = Owner(
@@ -181,6 +199,7 @@ def worker(
             prefetch=settings.prefetch,
             shard=shard,
             max_command_bytes=settings.max_command_bytes,
+            snapshot_interval=snapshot_s,
         )
 
         def _stop(signum: int, _frame: Any) -> None:
@@ -211,6 +230,23 @@ def worker(
         transport.close()
     except BramaError as exc:
         _fail(f"{exc} (broker {settings.safe_broker_url})")
+
+
+def _seconds(flag: str, value: str | None, env: str, default: float) -> float:
+    """A positive number of seconds from ``--flag`` or ``env``; SettingsError names it."""
+    import os
+
+    raw = value if value is not None else os.environ.get(env)
+    if raw is None or raw == "":
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        where = f"--{flag}" if value is not None else env
+        raise SettingsError(f"{where}={raw!r}: expected a positive number of seconds")
+    return seconds
 
 
 def _serve_metrics(owner: Any, port: int) -> Any:

@@ -256,19 +256,23 @@ def _prepublish(url: str, topology: Topology, commands: list[bytes]) -> None:
 
 
 def test_no_critical_event_lost_when_connections_are_closed_mid_storm(setup: Setup) -> None:
-    """close_all_connections in the middle of a storm of 3,000 openings, while the worker
-    waits for confirms of events the broker has not taken: it reconnects, publishes them
-    again, and every opening's circuit_opened and state_change reach the durable queue."""
+    """close_all_connections in the middle of a storm of 3,000 openings, while the active
+    worker waits for confirms of events the broker has not taken, and a hot standby is
+    running: whichever reconnects first gets the queue, unconfirmed publishes go out
+    again, every opening's circuit_opened and state_change reach the durable queue, and
+    every connection's seq is exactly what applying each command once gives."""
     names = [f"s{i:04d}" for i in range(3000)]
     now = int(time.time() * 1000)
     policy = {"max_attempts": 1, "expiry_ms": 600_000}
+    node = setup.node
+    worker = setup.start_worker(BRAMA_PREFETCH="50")
+    worker.wait_for_log("owner active")  # it has the queue; the standby waits behind it
+    standby = setup.start_worker(BRAMA_PREFETCH="50")
     _prepublish(setup.node.url, setup.topology, [
         encode_command(make_command(op, n, "x", options=policy if op == "register" else None,
                                     now_ms=now))
         for op in ("register", "failure") for n in names
     ])
-    node = setup.node
-    worker = setup.start_worker(BRAMA_PREFETCH="50")
     probe = brokers.WireProbe(node.url, setup.tap_queue, declare=False)
     try:
         deadline = time.monotonic() + 60
@@ -295,8 +299,13 @@ def test_no_critical_event_lost_when_connections_are_closed_mid_storm(setup: Set
         probe.close()
     seen = setup.read_tap(_covers(names), timeout=90)
     _check_openings(seen, names)
+    statuses = {str(s["connection"]): s for s in setup.client.snapshot(scope="x")}
+    # register (2 events), then failure, circuit_opened, state_change: seq 5, once each.
+    assert {n: (statuses[n]["state"], statuses[n]["seq"]) for n in names} == {
+        n: ("open", 5) for n in names}
     log = worker.output()
     assert "owner link lost its connection" in log and "(epoch 2)" in log, log
-    assert worker.alive()
-    worker.terminate()
-    assert worker.wait(20) == 0, worker.output()
+    assert worker.alive() and standby.alive()
+    for w in (worker, standby):
+        w.terminate()
+        assert w.wait(20) == 0, w.output()

@@ -90,11 +90,15 @@ class WorkerProcess:
                 )
             if time.monotonic() > deadline:
                 raise AssertionError(f"worker did not log {text!r} within {timeout} s:\n{out}")
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until the owner consumes its queue."""
         self.wait_for_log("owner serving", timeout)
+
+    def wait_active(self, timeout: float = 30.0, count: int = 1) -> None:
+        """Until the worker has taken the owner queue ``count`` times (it logs each)."""
+        self.wait_for_log("owner active", timeout, count)
 
     def terminate(self) -> None:
         """SIGTERM: finish and ack the batch in hand, then exit 0."""
@@ -114,3 +118,15 @@ class WorkerProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
         self._log.close()
+
+
+def kill_and_time_takeover(
+    active: WorkerProcess, standby: WorkerProcess, timeout: float = 30.0
+) -> float:
+    """SIGKILL ``active`` and return the seconds until ``standby`` logs that it took over
+    (journal caught up, serving). For tests and benchmarks of failover."""
+    before = standby.output().count("owner active")
+    t0 = time.monotonic()
+    active.kill()
+    standby.wait_for_log("owner active", timeout, before + 1)
+    return time.monotonic() - t0

@@ -6,33 +6,55 @@ events, ``seq`` and ids. So instead of shipping state, the active owner ships it
 standby replays them into its own engine and stays an exact replica, and a restarted
 deployment rebuilds from the last snapshot plus the entries after it.
 
-An entry is a small JSON array; a batch is one message:
-``{"v": 1, "lineage": str, "n": batch number, "entries": [...]}`` with entries
-``["a", now]`` (advance), ``["c", now, command]`` (apply; the command as a JSON object),
-``["p", now, scope, connection]`` (acquire_probe) and ``["r", scope, connection, lease]``
-(release_probe).
+A record is one message, a JSON object:
+
+* a batch ``{"v": 1, "lineage": str, "n": int, "o": owner, "k": acked, "entries": [...]}``
+  with entries ``["a", now]`` (advance), ``["c", now, command]`` (apply; the command as
+  its JSON object), ``["p", now, scope, connection]`` (acquire_probe that granted a
+  lease) and ``["r", scope, connection, lease]`` (release_probe that released one).
+  ``n`` numbers batches across owners (each new owner continues at the last accepted
+  ``n`` + 1); ``k`` is the last ``n`` whose events were all confirmed (and commands acked)
+  when this one was written.
+* a takeover ``{"v": 1, "lineage": str, "t": "takeover", "o": owner, "n": 0, "entries": []}``
+  written by an owner that has just been given the owner queue.
+
+:class:`Follower` decides which records count: after a takeover record only batches of
+that owner, numbered consecutively, are accepted; anything else (a superseded owner's
+late republish) is ignored. Every reader applies the same rule to the same stream order,
+so every replica agrees with the owner that wrote the accepted records.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+import logging
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from brama_mq.core.engine import Command, Engine
+from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Command, Engine
+from brama_mq.core.events import Event
+
+log = logging.getLogger("brama_mq.owner.journal")
 
 JOURNAL_VERSION: Final = 1
+SNAPSHOT_VERSION: Final = 1
+BATCH: Final = "batch"
+TAKEOVER: Final = "takeover"
+_BOM: Final = b"\xef\xbb\xbf"
 
 
 @dataclass(slots=True)
 class JournalBatch:
-    """The inputs of one owner batch, in the order the engine saw them."""
+    """The inputs of one owner batch, in the order the engine saw them (or a takeover)."""
 
     lineage: str
     n: int
     entries: list[list[Any]] = field(default_factory=list)
+    owner: str = ""
+    acked: int = 0
+    kind: str = BATCH
 
     def advance(self, now: int) -> None:
         self.entries.append(["a", now])
@@ -47,15 +69,70 @@ class JournalBatch:
         self.entries.append(["r", scope, connection, lease])
 
     def encode(self) -> bytes:
-        doc = {"v": JOURNAL_VERSION, "lineage": self.lineage, "n": self.n, "entries": self.entries}
+        doc: dict[str, Any] = {
+            "v": JOURNAL_VERSION, "lineage": self.lineage, "n": self.n, "o": self.owner,
+            "k": self.acked, "entries": self.entries,
+        }
+        if self.kind != BATCH:
+            doc["t"] = self.kind
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def decode(cls, body: bytes | str) -> JournalBatch:
         doc = json.loads(body)
-        if doc.get("v") != JOURNAL_VERSION:
-            raise ValueError(f"unsupported journal version {doc.get('v')!r}")
-        return cls(doc["lineage"], int(doc["n"]), list(doc["entries"]))
+        if not isinstance(doc, dict) or doc.get("v") != JOURNAL_VERSION:
+            raise ValueError(f"unsupported journal record {str(body)[:80]!r}")
+        kind = doc.get("t", BATCH)
+        if kind not in (BATCH, TAKEOVER):
+            raise ValueError(f"unknown journal record type {kind!r}")
+        return cls(
+            doc["lineage"], int(doc["n"]), list(doc["entries"]), str(doc.get("o", "")),
+            int(doc.get("k", 0)), kind,
+        )
+
+
+class JournalWriter:
+    """Builds the owner's next batch record as bytes, without re-encoding commands: a
+    command's entry embeds the body it arrived with (already validated JSON)."""
+
+    __slots__ = ("_head", "_parts")
+
+    def __init__(self, lineage: str) -> None:
+        self._head = b'{"v":1,"lineage":' + json.dumps(lineage, ensure_ascii=False).encode()
+        self._parts: list[bytes] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._parts)
+
+    def advance(self, now: int) -> None:
+        self._parts.append(b'["a",%d]' % now)
+
+    def command(self, now: int, body: bytes) -> None:
+        if body[:3] == _BOM:
+            body = body[3:]
+        self._parts.append(b'["c",%d,%s]' % (now, body))
+
+    def probe(self, now: int, scope: str | None, connection: str) -> None:
+        self._parts.append(_entry(["p", now, scope, connection]))
+
+    def release(self, scope: str | None, connection: str, lease: str) -> None:
+        self._parts.append(_entry(["r", scope, connection, lease]))
+
+    def take(self, n: int, owner: str, acked: int) -> bytes:
+        """The record of everything added since the last take, numbered ``n``."""
+        parts, self._parts = self._parts, []
+        return b'%s,"n":%d,"o":"%s","k":%d,"entries":[%s]}' % (
+            self._head, n, owner.encode(), acked, b",".join(parts)
+        )
+
+    def takeover(self, owner: str) -> bytes:
+        return b'%s,"t":"takeover","n":0,"o":"%s","k":0,"entries":[]}' % (
+            self._head, owner.encode()
+        )
+
+
+def _entry(entry: list[Any]) -> bytes:
+    return json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class AppliedIds:
@@ -78,39 +155,191 @@ class AppliedIds:
         if len(ids) > self.limit:
             ids.popitem(last=False)
 
-    def dump(self) -> list[str]:
-        return list(self._ids)
+    def dump(self, last: int | None = None) -> list[str]:
+        ids = list(self._ids)
+        return ids if last is None else ids[-last:] if last else []
 
     def load(self, ids: Iterable[str]) -> None:
         for command_id in ids:
             self.add(command_id)
 
 
-def replay(engine: Engine, batch: JournalBatch, applied: AppliedIds | None = None) -> None:
-    """Apply one journal batch to a replica engine (its events are dropped: the owner
-    that wrote the batch already published them)."""
-    for entry in batch.entries:
+def replay_entries(
+    engine: Engine,
+    entries: Iterable[list[Any]],
+    applied: AppliedIds | None = None,
+    out: list[Event] | None = None,
+) -> None:
+    """Apply journal entries to a replica engine. What applied cleanly goes into
+    ``applied``; the events (which the writing owner already published) into ``out``."""
+    for entry in entries:
         kind = entry[0]
         if kind == "a":
-            engine.advance(entry[1])
+            events = engine.advance(entry[1]).events
         elif kind == "c":
             doc = entry[2]
-            engine.apply(
-                Command(
-                    doc["op"],
-                    doc.get("connection"),
-                    doc.get("scope"),
-                    doc.get("reason"),
-                    doc.get("options") or {},
-                ),
-                entry[1],
-            )
-            if applied is not None and isinstance(doc.get("id"), str):
+            try:
+                result = engine.apply(
+                    Command(
+                        doc["op"],
+                        doc.get("connection"),
+                        doc.get("scope"),
+                        doc.get("reason"),
+                        doc.get("options") or {},
+                    ),
+                    entry[1],
+                )
+            except Exception:  # the owner dead-lettered it the same way
+                log.exception("replaying %r failed", doc.get("op"))
+                continue
+            events = result.events
+            if (
+                applied is not None
+                and (result.status == APPLIED or result.status == ALREADY_REGISTERED)
+                and isinstance(doc.get("id"), str)
+            ):
                 applied.add(doc["id"])
         elif kind == "p":
             if (entry[2], entry[3]) in engine:
                 engine.acquire_probe(entry[2], entry[3], entry[1])
+            continue
         elif kind == "r":
             engine.release_probe(entry[1], entry[2], entry[3])
+            continue
         else:
             raise ValueError(f"unknown journal entry kind {kind!r}")
+        if out is not None:
+            out.extend(events)
+
+
+def replay(engine: Engine, batch: JournalBatch, applied: AppliedIds | None = None) -> None:
+    """Apply one journal batch to a replica engine (its events are dropped: the owner
+    that wrote the batch already published them)."""
+    replay_entries(engine, batch.entries, applied)
+
+
+# ---------------------------------------------------------------------- snapshots
+def encode_snapshot(
+    engine: Engine, applied: AppliedIds, *, owner: str, n: int, kind: str, ts: int,
+    keep_ids: int = 5_000,
+) -> bytes:
+    """The registry as it is right after the record ``(kind, owner, n)``, whose batches
+    are all confirmed; ``ts`` (epoch ms) tells a reader where to start looking for it."""
+    doc = {
+        "v": SNAPSHOT_VERSION,
+        "lineage": engine.lineage,
+        "after": {"t": kind, "o": owner, "n": n},
+        "ts": ts,
+        "engine": engine.snapshot(),
+        "applied": applied.dump(keep_ids),
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A decoded snapshot: the engine, its dedup window and the record it follows."""
+
+    engine: Engine
+    applied: AppliedIds
+    kind: str
+    owner: str
+    n: int
+    ts: int
+
+    @classmethod
+    def decode(cls, body: bytes) -> Snapshot:
+        doc = json.loads(body)
+        if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
+            raise ValueError("unsupported snapshot version")
+        after = doc["after"]
+        applied = AppliedIds()
+        applied.load(doc.get("applied", []))
+        return cls(
+            Engine.restore(doc["engine"]), applied, str(after["t"]), str(after["o"]),
+            int(after["n"]), int(doc["ts"]),
+        )
+
+
+class SnapshotMismatch(Exception):
+    """The snapshot follows a record that the journal did not accept: read from the start."""
+
+
+class Follower:
+    """A replica: feeds accepted journal records into its engine (see the module doc).
+
+    ``retained`` keeps the critical events of the last accepted batches, so a new owner
+    can publish again those of batches after ``acked`` (their confirms may never have
+    reached the owner that wrote them): at least once, with the same ids and seqs.
+    """
+
+    def __init__(
+        self, engine: Engine, applied: AppliedIds | None = None, *, retain: int = 512,
+        seek: Snapshot | None = None,
+    ) -> None:
+        self.engine = engine
+        self.applied = applied if applied is not None else AppliedIds()
+        self.owner: str | None = None
+        self.n = 0
+        self.acked = 0
+        self.accepted = 0
+        self.ignored = 0
+        self.retained: deque[tuple[int, list[Event]]] = deque(maxlen=retain)
+        self._seek = seek
+        self._takeover_seen: str | None = None
+        if seek is not None:
+            self.engine = seek.engine
+            self.applied = seek.applied
+
+    @property
+    def seeking(self) -> bool:
+        """Still looking for the record the snapshot follows (nothing is applied yet)."""
+        return self._seek is not None
+
+    def feed(self, body: bytes) -> JournalBatch | None:
+        """Take one record; returns it decoded (None if it is not a journal record)."""
+        try:
+            record = JournalBatch.decode(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a journal record that does not decode: %s", exc)
+            self.ignored += 1
+            return None
+        if record.lineage != self.engine.lineage:
+            self.ignored += 1
+            return record
+        seek = self._seek
+        if seek is not None:
+            if record.kind == TAKEOVER:
+                self._takeover_seen = record.owner
+            if record.kind == seek.kind and record.owner == seek.owner and (
+                record.kind == TAKEOVER or record.n == seek.n
+            ):
+                if self._takeover_seen not in (None, seek.owner):
+                    raise SnapshotMismatch(
+                        f"the snapshot follows a record of owner {seek.owner} written after "
+                        f"owner {self._takeover_seen} took over"
+                    )
+                self._seek = None
+                self.owner, self.n, self.acked = seek.owner, seek.n, seek.n
+            return record
+        if record.kind == TAKEOVER:
+            self.owner = record.owner
+            self.accepted += 1
+            return record
+        if record.owner != self.owner or record.n != self.n + 1:
+            self.ignored += 1
+            return record
+        events: list[Event] = []
+        replay_entries(self.engine, record.entries, self.applied, events)
+        self.n = record.n
+        self.acked = record.acked
+        self.accepted += 1
+        critical = [e for e in events if e.critical]
+        if critical:
+            self.retained.append((record.n, critical))
+        return record
+
+    def unconfirmed_events(self) -> list[Event]:
+        """Critical events of accepted batches after the last one known confirmed."""
+        acked = self.acked
+        return [e for n, events in self.retained if n > acked for e in events]

@@ -26,21 +26,25 @@ lets the broker's queues go idle and sync at once rather than on their timer).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from brama_mq import telemetry
-from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Engine, Result
+from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Advance, Engine, Result
 from brama_mq.core.events import Event
 from brama_mq.core.routing import routing_key
 from brama_mq.errors import BramaError, BrokerUnavailableError, ProtocolError, TransportError
+from brama_mq.owner.failover import Replica, supports_journal
+from brama_mq.owner.journal import BATCH, TAKEOVER, AppliedIds, JournalWriter, encode_snapshot
 from brama_mq.owner.queries import answer_query
 from brama_mq.protocol import QUERY_OPS, Reply, decode_command, encode_event, encode_reply
-from brama_mq.transport.base import Delivery, Outgoing, OwnerLink, Transport
+from brama_mq.transport.base import PING_BODY, PING_HEADER, Delivery, Outgoing, OwnerLink, Transport
 
 log = logging.getLogger("brama_mq.owner")
 
@@ -50,6 +54,14 @@ _MAX_IDLE_S = 0.25
 #: routes and writes them while the rest of the batch is applied.
 _PUBLISH_CHUNK = 128
 _CONFIRM_TIMEOUT_S = 30.0
+#: A standby (or an owner that just reconnected) pings its own queue this often: the
+#: ping reaches whichever consumer is active, so an owner that receives one knows it
+#: has the queue even when no command is flowing.
+_PING_EVERY_S = 0.5
+#: How long a standby waits for journal records per turn (it also checks the queue).
+_STANDBY_POLL_S = 0.05
+_CATCH_UP_TIMEOUT_S = 60.0
+_MAX_OUTAGE_PAUSE_S = 5.0
 _T_START = ("brama", "owner", "start")
 _T_STOP = ("brama", "owner", "stop")
 _T_BATCH = ("brama", "owner", "batch")
@@ -90,6 +102,7 @@ class _InFlight:
     ack_tag: int | None  # its last delivery tag; None for timer events
     replies: list[tuple[Delivery, bytes]]
     since: float  # time.monotonic() when it was published
+    journal_n: int = 0  # the last journal batch written for it
 
 
 @dataclass(slots=True)
@@ -104,6 +117,14 @@ class OwnerStats:
     critical_events: int = 0
     batches: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0  # already applied (in ``applied`` too), not applied again
+    pings: int = 0
+    takeovers: int = 0
+    last_takeover_s: float | None = None
+    republished: int = 0  # critical events published again at a takeover
+    snapshots: int = 0
+    journal_batches: int = 0
+    outages: int = 0
 
     def summary(self) -> str:
         """One log line that accounts for every command (in = applied + queries + dead)."""
@@ -111,7 +132,8 @@ class OwnerStats:
         return (
             f"commands={self.commands} applied={self.applied} queries={self.queries} "
             f"dead_lettered={self.dead_lettered} events={self.events} "
-            f"critical_events={self.critical_events} dead_reasons={reasons}"
+            f"critical_events={self.critical_events} dead_reasons={reasons} "
+            f"duplicates={self.duplicates} pings={self.pings} takeovers={self.takeovers}"
         )
 
 
@@ -129,9 +151,33 @@ class Owner:
         max_command_bytes: int = 65_536,
         clock_ms: Callable[[], int] = wall_clock_ms,
         on_events: Callable[[Sequence[Event]], None] | None = None,
+        journal: bool = True,
+        snapshot_interval: float = 10.0,
     ) -> None:
         self.transport = transport
+        self._initial_engine = engine
         self.engine = engine if engine is not None else Engine(lineage=transport.topology.prefix)
+        #: Keep a journal and snapshots (when the transport can): hot standbys and
+        #: restarts keep the registry. Off: the pre-failover owner, state in memory only.
+        self.journal = journal
+        self.snapshot_interval = snapshot_interval
+        self.applied = AppliedIds()
+        self._journaled = False
+        self._active = False
+        self._active_epoch = -1
+        self._replica: Replica | None = None
+        self._held: list[Delivery] = []
+        self._jw: JournalWriter | None = None
+        self._token = ""
+        self._n = 0  # the last journal batch number written (or accepted)
+        self._base_n = 0  # self._n when this owner took over
+        self._acked_n = 0  # the last journal batch whose events are all confirmed
+        self._last_ping = 0.0
+        self._outages_in_a_row = 0
+        self._last_snapshot = time.monotonic()
+        self._snapshot_n = -1
+        self._journal_stream = transport.topology.journal_stream(shard)
+        self._snapshot_stream = transport.topology.snapshot_stream(shard)
         self.prefetch = prefetch
         self.batch_size = batch_size or prefetch
         self.shard = shard
@@ -151,9 +197,12 @@ class Owner:
     def stop(self, wait: float | None = None) -> None:
         """Ask the loop to end after the batch in hand; with ``wait``, block until it has."""
         self._stop.set()
-        interrupt = getattr(self._link, "interrupt", None)
-        if interrupt is not None:  # a reconnect in progress gives up instead of retrying
-            interrupt()
+        replica = self._replica
+        reader = replica.reader if replica is not None else None
+        for link in (self._link, reader):
+            interrupt = getattr(link, "interrupt", None)
+            if interrupt is not None:  # a reconnect in progress gives up instead of retrying
+                interrupt()
         if wait is not None:
             self.done.wait(wait)
 
@@ -161,10 +210,29 @@ class Owner:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def active(self) -> bool:
+        """Whether this owner has the queue (a standby only replays the journal)."""
+        return self._active or not self._journaled
+
     def run(self) -> None:
-        """Serve until ``stop()``; the batch in hand is finished and acked before returning."""
+        """Serve until ``stop()``; the batch in hand is finished and acked before returning.
+
+        Connecting the first time must succeed (BrokerUnavailableError otherwise); after
+        that an outage never ends the loop: the link retries (each attempt logged, with
+        capped backoff) for as long as it takes.
+        """
         self.transport.declare()
         link = self._link = self.transport.owner_link(prefetch=self.prefetch, shard=self.shard)
+        try:
+            self._journaled = self.journal and supports_journal(self.transport, link)
+            if self._journaled:
+                self._jw = JournalWriter(self.engine.lineage)
+                self._standby(link)
+        except BaseException:
+            link.close()
+            self.done.set()
+            raise
         self.ready.set()
         log.info("owner serving %s", self.transport.topology.owner_queue(self.shard))
         started = time.monotonic()
@@ -172,8 +240,20 @@ class Owner:
             telemetry.execute(_T_START, {"system_time": time.time()}, self._t_meta())
         try:
             while not self._stop.is_set():
-                self.step(link)
+                try:
+                    if self._active or not self._journaled:
+                        self.step(link)
+                    else:
+                        self._standby_step(link)
+                    self._outages_in_a_row = 0
+                except BrokerUnavailableError as exc:
+                    if self._stop.is_set():
+                        raise
+                    self._outage(exc)
             self._settle(link, block=True)  # the batches in hand are finished and acked
+            if self._active and self._journaled:
+                self._snapshot(link)
+                link.wait_confirms(_CONFIRM_TIMEOUT_S)
         except BrokerUnavailableError:
             if not self._stop.is_set():
                 raise
@@ -181,6 +261,9 @@ class Owner:
         finally:
             self._link = None
             self._inflight.clear()  # unacked: the broker redelivers them
+            if self._replica is not None:
+                self._replica.close()
+                self._replica = None
             link.close()
             if telemetry.enabled:
                 telemetry.execute(_T_STOP, {"duration": time.monotonic() - started},
@@ -188,10 +271,173 @@ class Owner:
             self.done.set()
             log.info("owner stopped")
 
+    # ------------------------------------------------------------------ failover
+    def _outage(self, exc: BaseException) -> None:
+        """The broker stayed away past the link's reconnect window: keep trying, with
+        capped exponential backoff between rounds (a stop ends the wait at once)."""
+        self.stats.outages += 1
+        n = self._outages_in_a_row = self._outages_in_a_row + 1
+        pause = min(_MAX_OUTAGE_PAUSE_S, 0.1 * 2 ** min(n, 10)) * random.uniform(0.5, 1.0)
+        log.warning("broker unavailable (%s); still retrying (round %d, next in %.1f s)",
+                    exc, n, pause)
+        if self._journaled:
+            self._step_down("the broker went away")
+        self._stop.wait(pause)
+
+    def _step_down(self, why: str) -> None:
+        """Stop acting as the active owner: another may have the queue by now, so the
+        registry is rebuilt from the journal before this process serves again."""
+        if self._active:
+            log.warning("owner stepping down to standby: %s", why)
+        self._active = False
+        self._inflight.clear()  # their acks are stale: the broker redelivers them
+        if self._replica is not None:
+            self._replica.close()
+            self._replica = None
+
+    def _new_engine(self) -> Engine:
+        return Engine(defaults=self.engine.defaults, lineage=self.engine.lineage)
+
+    def _standby(self, link: OwnerLink) -> None:
+        """Become a standby: rebuild the registry from the snapshot and the journal."""
+        replica = Replica(
+            self.transport, journal=self._journal_stream, snapshots=self._snapshot_stream,
+            new_engine=self._new_engine,
+        )
+        self._replica = replica
+        try:
+            replica.bootstrap()
+        except BaseException:
+            replica.close()
+            self._replica = None
+            raise
+        self.engine = replica.engine
+        self.applied = replica.follower.applied
+        self._last_ping = 0.0
+
+    def _standby_step(self, link: OwnerLink) -> None:
+        """Follow the journal; ping the queue; take over as soon as deliveries come."""
+        if self._replica is None:
+            self._standby(link)
+        replica = self._replica
+        assert replica is not None
+        held, self._held = self._held, []
+        if not held:
+            replica.poll(_STANDBY_POLL_S)
+            self.engine = replica.engine
+            self.applied = replica.follower.applied
+            now = time.monotonic()
+            if now - self._last_ping >= _PING_EVERY_S:
+                self._last_ping = now
+                link.ping()  # type: ignore[attr-defined]
+            held = link.fetch(self.batch_size, 0.0)
+            if not held:
+                return
+        self._take_over(link, held)
+
+    def _take_over(self, link: OwnerLink, held: list[Delivery]) -> None:
+        """The queue is ours: catch up to the journal's end, then serve ``held`` first."""
+        t0 = time.monotonic()
+        epoch = link.epoch  # type: ignore[attr-defined]
+        replica = self._replica
+        assert replica is not None and self._jw is not None
+        token = uuid.uuid4().hex[:16]
+        link.append(self._journal_stream, self._jw.takeover(token))  # type: ignore[attr-defined]
+        replica.catch_up(token, _CATCH_UP_TIMEOUT_S, self._stop.is_set)
+        follower = replica.follower
+        engine = follower.engine
+        if (
+            self._initial_engine is not None
+            and follower.accepted == 1
+            and not replica.from_snapshot
+        ):  # an empty journal: the engine given to the constructor is the registry
+            engine = self._initial_engine
+        self.engine = engine
+        self.applied = follower.applied
+        self._n = self._base_n = self._acked_n = follower.n
+        self._token = token
+        again = follower.unconfirmed_events()
+        replica.close()
+        self._replica = None
+        self._active = True
+        self._active_epoch = epoch
+        self._last_snapshot = time.monotonic()
+        self._snapshot_n = -1
+        took = time.monotonic() - t0
+        self.stats.takeovers += 1
+        self.stats.last_takeover_s = took
+        self.stats.republished += len(again)
+        log.info(
+            "owner active: took over in %.3f s at journal batch %d (%d connections, "
+            "%d critical events published again)", took, self._n, len(engine), len(again),
+        )
+        if again:
+            self._submit_events(link, again, None, [])
+            self._inflight[-1].journal_n = follower.n
+        if link.epoch != epoch:  # type: ignore[attr-defined]
+            self._step_down("the connection was replaced during the takeover")
+            return
+        self._submit(link, held)
+        if self._pipelined(link) is None:
+            self._settle(link, block=True)
+
+    def _flush_journal(self, link: OwnerLink) -> None:
+        """Append the inputs applied since the last flush as the next journal batch:
+        before any event they caused is published, on the same channel."""
+        jw = self._jw
+        if jw:
+            self._n += 1
+            link.append(  # type: ignore[attr-defined]
+                self._journal_stream, jw.take(self._n, self._token, self._acked_n)
+            )
+            self.stats.journal_batches += 1
+
+    def _advance(self, now: int) -> Advance:
+        """``engine.advance``, journaled when a timer is due (otherwise it changes nothing)."""
+        engine = self.engine
+        deadline = engine.next_deadline
+        if deadline is None or deadline > now:
+            return Advance([], deadline)
+        if self._jw is not None:
+            self._jw.advance(now)
+        return engine.advance(now)
+
+    def _maybe_snapshot(self, link: OwnerLink) -> None:
+        if self._n == self._snapshot_n:
+            return
+        age = time.monotonic() - self._last_snapshot
+        if age < self.snapshot_interval:
+            return
+        if self._inflight:
+            if age < 3 * self.snapshot_interval:
+                return  # wait for a moment with every batch confirmed
+            self._settle(link, block=True)
+            if link.epoch != self._active_epoch:  # type: ignore[attr-defined]
+                return  # reconnected meanwhile: step() steps down first
+        self._snapshot(link)
+
+    def _snapshot(self, link: OwnerLink) -> None:
+        """Append the registry to the snapshot stream; every batch so far is confirmed."""
+        kind = BATCH if self._n > self._base_n else TAKEOVER
+        body = encode_snapshot(
+            self.engine, self.applied, owner=self._token, n=self._n, kind=kind,
+            ts=wall_clock_ms(),
+        )
+        link.append(self._snapshot_stream, body)  # type: ignore[attr-defined]
+        self._last_snapshot = time.monotonic()
+        self._snapshot_n = self._n
+        self.stats.snapshots += 1
+        log.debug("snapshot of %d connections after journal batch %d", len(self.engine), self._n)
+
     def step(self, link: OwnerLink) -> int:
         """One turn of the loop; returns how many deliveries it handled."""
+        if self._journaled:
+            if link.epoch != self._active_epoch:  # type: ignore[attr-defined]
+                self._step_down("the connection to the broker was replaced")
+                return 0
+            self._maybe_snapshot(link)
         now = self.clock_ms()
-        due = self.engine.advance(now)
+        due = self._advance(now)
         pipelined = self._pipelined(link)
         if due.events:
             self._submit_events(link, due.events, None, [])
@@ -202,6 +448,8 @@ class Owner:
         wait = min(max(wait, 0.0), _MAX_IDLE_S)
         if pipelined is None:
             deliveries = link.fetch(self.batch_size, wait)
+            if deliveries and self._replaced(link, deliveries):
+                return 0
             if deliveries:
                 self.handle_batch(link, deliveries)
             return len(deliveries)
@@ -218,11 +466,21 @@ class Owner:
             deliveries = pipelined.fetch(size, wait, confirmed)
         else:
             deliveries = pipelined.fetch(size, wait)
+        if deliveries and self._replaced(link, deliveries):
+            return 0
         if deliveries:
             self._submit(link, deliveries)
         if inflight:
             self._settle(link, block=False)
         return len(deliveries)
+
+    def _replaced(self, link: OwnerLink, deliveries: list[Delivery]) -> bool:
+        """Deliveries from a new connection: step down, then take over with them."""
+        if not self._journaled or link.epoch == self._active_epoch:  # type: ignore[attr-defined]
+            return False
+        self._step_down("the connection to the broker was replaced")
+        self._held = deliveries
+        return True
 
     # ------------------------------------------------------------------ the batch
     def handle_batch(self, link: OwnerLink, deliveries: Sequence[Delivery]) -> None:
@@ -239,11 +497,16 @@ class Owner:
         started = time.perf_counter()
         stats = self.stats
         published = (stats.events, stats.critical_events)
-        events: list[Event] = list(engine.advance(now).events)
+        events: list[Event] = list(self._advance(now).events)
         replies: list[tuple[Delivery, bytes]] = []
         dead = 0
         critical = 0
+        jw = self._jw
+        applied_ids = self.applied
         for delivery in deliveries:
+            if delivery.body == PING_BODY and PING_HEADER in delivery.headers:
+                stats.pings += 1
+                continue
             stats.commands += 1
             try:
                 command = decode_command(
@@ -261,8 +524,19 @@ class Owner:
                     ops[(command.op, "query")] = ops.get((command.op, "query"), 0) + 1
                 if delivery.reply_to:
                     reply = answer_query(engine, command, now)
+                    if jw is not None and reply.ok and command.connection is not None:
+                        _journal_probe(jw, command.op, command, reply.result, now)
                     replies.append((delivery, encode_reply(reply)))
                 continue
+            if command.id in applied_ids:  # redelivered after a takeover or reconnect
+                stats.duplicates += 1  # counted as applied too: it was, once, earlier
+                stats.applied += 1
+                if delivery.reply_to:
+                    again = Reply(ok=True, result={"status": APPLIED, "duplicate": True})
+                    replies.append((delivery, encode_reply(again)))
+                continue
+            if jw is not None:
+                jw.command(now, delivery.body)
             try:
                 result = engine.apply(command, now)
             except Exception as exc:  # a bug must cost one command, not the worker
@@ -279,6 +553,7 @@ class Owner:
                 ops[(command.op, result.status)] = ops.get((command.op, result.status), 0) + 1
             if result.status == APPLIED or result.status == ALREADY_REGISTERED:
                 stats.applied += 1
+                applied_ids.add(command.id)
                 events.extend(result.events)
                 if len(events) >= _PUBLISH_CHUNK:
                     critical += self._publish(link, events)
@@ -287,6 +562,7 @@ class Owner:
                 dead += self._dead_letter(link, delivery, result.status, result.error or "")
             if delivery.reply_to:
                 replies.append((delivery, encode_reply(_reply_for(result))))
+        self._flush_journal(link)
         self._submit_events(link, events, deliveries[-1].delivery_tag, replies, dead + critical)
         stats.batches += 1
         if ops is not None:
@@ -314,7 +590,8 @@ class Owner:
         pipelined = self._pipelined(link)
         mark = pipelined.confirm_mark() if pipelined is not None else 0
         self._inflight.append(
-            _InFlight(mark, bool(critical or confirmed), ack_tag, replies, time.monotonic())
+            _InFlight(mark, bool(critical or confirmed or self._journaled), ack_tag, replies,
+                      time.monotonic(), self._n)
         )
 
     def _settle(self, link: OwnerLink, *, block: bool) -> None:
@@ -352,6 +629,8 @@ class Owner:
             if f.ack_tag is not None:
                 ack_tag = f.ack_tag
             replies.extend(f.replies)
+            if f.journal_n > self._acked_n:
+                self._acked_n = f.journal_n
         if ack_tag is not None:
             link.ack(ack_tag, multiple=True)
         for delivery, body in replies:
@@ -369,6 +648,8 @@ class Owner:
         return 1
 
     def _publish(self, link: OwnerLink, events: Sequence[Event]) -> int:
+        if self._jw:
+            self._flush_journal(link)  # the inputs first: events never get ahead of them
         outgoing = []
         critical = 0
         for event in events:
@@ -434,6 +715,18 @@ def _reply_for(result: Result) -> Reply:
         error=result.error,
         events=[e.to_dict() for e in result.events],
     )
+
+
+def _journal_probe(
+    jw: JournalWriter, op: str, command: Any, result: Any, now: int
+) -> None:
+    """Journal a probe grant or release (they change leases, though no event tells)."""
+    if not isinstance(result, dict):
+        return
+    if op == "acquire_probe" and result.get("lease"):
+        jw.probe(now, command.scope, command.connection)
+    elif op == "release_probe" and result.get("released"):
+        jw.release(command.scope, command.connection, command.options["lease"])
 
 
 def run_owner(transport: Transport, **kwargs: Any) -> Owner:

@@ -51,7 +51,16 @@ from brama_mq.errors import (
     ShardMismatchError,
     TransportError,
 )
-from brama_mq.transport.base import JSON, Delivery, Outgoing, decode_tag, encode_tag
+from brama_mq.transport.base import (
+    JSON,
+    PING_BODY,
+    PING_HEADER,
+    Delivery,
+    Outgoing,
+    StreamStart,
+    decode_tag,
+    encode_tag,
+)
 from brama_mq.transport.errors import (
     RECOVERABLE_ERRORS,
     describe,
@@ -799,7 +808,9 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
             "stale_acks": 0,
             "replies": 0,
             "dead_lettered": 0,
+            "appended": 0,
         }
+        self._owner_key = transport.topology.owner_key(shard)
         super().__init__(transport)
 
     @property
@@ -1187,6 +1198,38 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
             raise
         except RECOVERABLE_ERRORS as exc:
             self._recover(exc)  # republishes it
+
+    def append(self, stream: str, body: bytes) -> None:
+        """Publish a journal or snapshot record to ``stream`` (default exchange),
+        persistent and confirmed, on the confirm channel: in order with the events."""
+        msg = Message(body, delivery_mode=2, content_type=JSON)
+        pending = self._tracker.new("", stream, msg)
+        self._stats["published"] += 1
+        self._stats["appended"] += 1
+        try:
+            self._ensure()
+        except BramaError:
+            self._tracker.defer(pending)  # sent when a later call reconnects
+            raise
+        try:
+            self._send_pending(pending)
+        except BramaError:
+            raise
+        except RECOVERABLE_ERRORS as exc:
+            self._recover(exc)  # republishes it
+
+    def ping(self) -> None:
+        """An empty transient message with PING_HEADER to this link's own owner queue."""
+        msg = Message(PING_BODY, delivery_mode=1, content_type=JSON,
+                      application_headers={PING_HEADER: 1})
+        topology = self._t.topology
+        self._ensure()
+        try:
+            _publish(self._plain, msg, topology.commands_exchange, self._owner_key, False)
+        except BramaError:
+            raise
+        except RECOVERABLE_ERRORS as exc:
+            self._recover(exc)
 
     def wait_confirms(self, timeout: float) -> int:
         """Block until every critical publish so far is confirmed; see OwnerLink."""
@@ -2193,6 +2236,14 @@ class AmqpTransport:
                 ch.queue_delete(name)
 
         self._admin("delete queues", run)
+
+    def stream_reader(
+        self, stream: str, *, offset: StreamStart = "first", since_ms: int | None = None
+    ) -> Any:
+        """A reader of ``stream`` (see :class:`~brama_mq.transport.stream.AmqpStreamReader`)."""
+        from brama_mq.transport.stream import AmqpStreamReader
+
+        return self._track(AmqpStreamReader(self, stream, offset=offset, since_ms=since_ms))
 
     def close(self) -> None:
         """Close every link made by this transport."""

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from brama_mq.transport.topology import Topology
 
 __all__ = [
     "JSON",
+    "PING_BODY",
+    "PING_HEADER",
     "ClientLink",
     "Delivery",
     "EventSource",
+    "JournalLink",
     "Outgoing",
     "OwnerLink",
+    "StreamReader",
+    "StreamStart",
     "Topology",
     "Transport",
     "decode_tag",
@@ -27,6 +32,14 @@ __all__ = [
 ]
 
 JSON = "application/json"
+#: Header of an owner ping: an empty message an owner that does not know whether it is
+#: the active consumer sends to its own queue (see docs/protocol.md). The active owner
+#: acks it and applies nothing; a standby that receives one knows it has the queue.
+PING_HEADER = "x-brama-owner-ping"
+#: A ping's body: an empty JSON object (so a tool that parses the queue is not upset).
+PING_BODY = b"{}"
+#: Where a stream reader starts: "first", "last" (the last chunk), "next", or an offset.
+StreamStart: TypeAlias = str | int
 
 #: Delivery tags handed out by links carry the channel epoch in their high bits, so a
 #: tag taken before a reconnect can never acknowledge a message on the new channel.
@@ -123,6 +136,39 @@ class OwnerLink(Protocol):
 
     def close(self) -> None:
         """Close the link; unacknowledged deliveries go back to the queue."""
+        ...
+
+
+@runtime_checkable
+class JournalLink(Protocol):
+    """What an owner link offers (beyond :class:`OwnerLink`) for failover and persistence."""
+
+    @property
+    def epoch(self) -> int:
+        """Number of the link's current connection: it changes on every reconnect."""
+        ...
+
+    def append(self, stream: str, body: bytes) -> None:
+        """Publish a record to ``stream``, persistent and confirmed like a critical event,
+        on the same channel (so in the same order as the events around it)."""
+        ...
+
+    def ping(self) -> None:
+        """Send an empty message with :data:`PING_HEADER` to this link's owner queue."""
+        ...
+
+
+@runtime_checkable
+class StreamReader(Protocol):
+    """Reads one stream from a position; used from one thread."""
+
+    def read(self, timeout: float) -> list[tuple[int, bytes]]:
+        """Wait up to ``timeout`` s for a record, then return ``(offset, body)`` of what is
+        buffered (maybe ``[]``). Reconnects by itself, resuming after the last offset."""
+        ...
+
+    def close(self) -> None:
+        """Stop reading."""
         ...
 
 

@@ -21,7 +21,16 @@ from typing import Any
 
 from brama_mq.core.matcher import TopicMatcher
 from brama_mq.errors import RequestTimeoutError, TransportError
-from brama_mq.transport.base import JSON, Delivery, Outgoing, decode_tag, encode_tag
+from brama_mq.transport.base import (
+    JSON,
+    PING_BODY,
+    PING_HEADER,
+    Delivery,
+    Outgoing,
+    StreamStart,
+    decode_tag,
+    encode_tag,
+)
 from brama_mq.transport.topology import Topology, event_queue_arguments
 
 __all__ = [
@@ -29,6 +38,7 @@ __all__ = [
     "MemoryClientLink",
     "MemoryEventSource",
     "MemoryOwnerLink",
+    "MemoryStreamReader",
     "MemoryTransport",
 ]
 
@@ -149,6 +159,8 @@ class MemoryBroker:
         self.exchanges: dict[str, _Exchange] = {}
         self.queues: dict[str, _Queue] = {}
         self.reply_boxes: dict[str, _ReplyBox] = {}
+        #: Streams: append-only ``(epoch ms, body)`` lists, read from any offset.
+        self.streams: dict[str, list[tuple[int, bytes]]] = {}
 
     # -- declaration -----------------------------------------------------------------
     def declare_exchange(self, name: str, kind: str) -> None:
@@ -181,8 +193,13 @@ class MemoryBroker:
             if ex is not None:
                 ex.unbind(queue, key)
 
+    def declare_stream(self, name: str) -> None:
+        with self.lock:
+            self.streams.setdefault(name, [])
+
     def delete_queue(self, name: str) -> None:
         with self.lock:
+            self.streams.pop(name, None)
             if self.queues.pop(name, None) is not None:
                 for ex in self.exchanges.values():
                     ex.unbind_queue(name)
@@ -193,6 +210,11 @@ class MemoryBroker:
         """Route and enqueue; False when no queue took it (a mandatory publish returns)."""
         with self.lock:
             if exchange == "":
+                stream = self.streams.get(routing_key)
+                if stream is not None:
+                    stream.append((time.time_ns() // 1_000_000, message.body))
+                    self.cond.notify_all()
+                    return True
                 targets = {routing_key} if routing_key in self.queues else set()
                 if not targets and routing_key in self.reply_boxes:
                     return self._reply(routing_key, message)
@@ -373,6 +395,8 @@ class MemoryOwnerLink(_MemoryConsumer):
     def __init__(self, transport: MemoryTransport, *, prefetch: int, shard: int | None) -> None:
         self._t = transport
         self.queue = transport.topology.owner_queue(shard)
+        self._owner_key = transport.topology.owner_key(shard)
+        self.epoch = _EPOCH
         transport.declare()
         self._stats = {
             "published": 0,
@@ -454,6 +478,19 @@ class MemoryOwnerLink(_MemoryConsumer):
             _Message(exchange, delivery.routing_key, delivery.body, props),
         )
 
+    def append(self, stream: str, body: bytes) -> None:
+        """Append a record to a stream (the owner's journal or snapshots), confirmed."""
+        if self._closed:
+            raise TransportError("owner link is closed")
+        self._confirmed_publish("", stream, _Message("", stream, body, {"delivery_mode": 2}))
+
+    def ping(self) -> None:
+        """Send an owner ping to the owner queue (see AmqpOwnerLink.ping)."""
+        exchange = self._t.topology.commands_exchange
+        props = {"headers": {PING_HEADER: 1}, "delivery_mode": 1, "content_type": JSON}
+        self._broker.publish(exchange, self._owner_key, _Message(exchange, self._owner_key,
+                                                                 PING_BODY, props))
+
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
         """Answer an RPC; a reply to a caller that is gone is dropped, as on RabbitMQ."""
         props = {"content_type": JSON, "correlation_id": correlation_id}
@@ -472,6 +509,62 @@ class MemoryOwnerLink(_MemoryConsumer):
     def close(self) -> None:
         """Leave the queue; unacked deliveries go back to it, marked redelivered."""
         self._release()
+
+
+class MemoryStreamReader:
+    """StreamReader in memory: a position in one of the broker's streams."""
+
+    def __init__(
+        self, broker: MemoryBroker, stream: str, offset: StreamStart, since_ms: int | None
+    ) -> None:
+        self._broker = broker
+        self._name = stream
+        self._closed = False
+        with broker.lock:
+            records = broker.streams.get(stream)
+            if records is None:
+                raise TransportError(f"no stream {stream!r} (NOT_FOUND)")
+            if since_ms is not None:
+                self._pos = next(
+                    (i for i, (ts, _) in enumerate(records) if ts >= since_ms), len(records)
+                )
+            elif offset == "first":
+                self._pos = 0
+            elif offset == "last":
+                self._pos = max(0, len(records) - 1)
+            elif offset == "next":
+                self._pos = len(records)
+            elif isinstance(offset, int) and offset >= 0:
+                self._pos = offset
+            else:
+                raise ValueError(f"bad stream offset {offset!r}")
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every record so far has been read."""
+        with self._broker.lock:
+            return self._pos >= len(self._broker.streams.get(self._name, ()))
+
+    def read(self, timeout: float) -> list[tuple[int, bytes]]:
+        """Wait up to ``timeout`` s for records after the position; return what is there."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        b = self._broker
+        with b.cond:
+            while True:
+                if self._closed:
+                    raise TransportError("stream reader is closed")
+                records = b.streams.get(self._name, [])
+                if len(records) > self._pos:
+                    start, self._pos = self._pos, len(records)
+                    return [(start + i, body) for i, (_, body) in enumerate(records[start:])]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                b.cond.wait(remaining)
+
+    def close(self) -> None:
+        with self._broker.cond:
+            self._closed = True
 
 
 class MemoryClientLink:
@@ -689,6 +782,8 @@ class MemoryTransport:
                 b.bind(queue, t.commands_exchange, key)
             b.declare_queue(t.dead_queue, durable=True, max_length=t.dead_max_length)
             b.bind(t.dead_queue, t.dead_exchange, "")
+            for stream, _ in t.streams():
+                b.declare_stream(stream)
 
     def delete_topology(self) -> None:
         """Delete the topology's queues and exchanges."""
@@ -739,6 +834,16 @@ class MemoryTransport:
         """Delete queues by name (absent ones are fine)."""
         for name in names:
             self.broker.delete_queue(name)
+
+    def stream_reader(
+        self, stream: str, *, offset: StreamStart = "first", since_ms: int | None = None
+    ) -> MemoryStreamReader:
+        """A reader of ``stream`` from ``offset`` (or the first record at ``since_ms``)."""
+        self.declare()
+        reader: MemoryStreamReader = self._track(
+            MemoryStreamReader(self.broker, stream, offset, since_ms)
+        )
+        return reader
 
     def close(self) -> None:
         """Close every link made by this transport."""

@@ -25,12 +25,19 @@ __all__ = [
     "event_queue_arguments",
     "permission_layout",
     "stored_shards",
+    "stream_arguments",
 ]
 
 DEFAULT_PREFIX = "brama"
 #: Deliveries of one command before the quorum queue dead-letters it: a poison message
 #: that keeps crashing owners ends in ``{prefix}.dead`` instead of looping forever.
 DEFAULT_DELIVERY_LIMIT = 20
+#: Retention of the owner's journal and snapshot streams: the broker drops whole
+#: segments, oldest first, once a stream is over its size. A snapshot is written every
+#: few seconds, so only the tail after the newest one is ever read back.
+JOURNAL_MAX_BYTES = 256 * 1024 * 1024
+SNAPSHOT_MAX_BYTES = 64 * 1024 * 1024
+STREAM_SEGMENT_BYTES = 8 * 1024 * 1024
 #: How RabbitMQ words an inequivalent ``x-max-length`` (3.8 to 3.13 at least):
 #: ``... for queue 'p.shards' in vhost '/': received '3' but current is '2'``.
 _RECORD_MISMATCH: Final = re.compile(
@@ -125,6 +132,25 @@ class Topology:
             "x-delivery-limit": self.delivery_limit,
         }
 
+    def journal_stream(self, shard: int | None = None) -> str:
+        """The owner's journal (a stream): ``{p}.journal`` or ``{p}.journal.<k>``."""
+        k = self._check_shard(shard)
+        return f"{self.prefix}.journal" if k is None else f"{self.prefix}.journal.{k}"
+
+    def snapshot_stream(self, shard: int | None = None) -> str:
+        """The owner's snapshots (a stream): ``{p}.snapshots`` or ``{p}.snapshots.<k>``."""
+        k = self._check_shard(shard)
+        return f"{self.prefix}.snapshots" if k is None else f"{self.prefix}.snapshots.{k}"
+
+    def streams(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every ``(stream, arguments)`` pair: each shard's journal and snapshots."""
+        shards: list[int | None] = [None] if self.shards == 1 else list(range(self.shards))
+        out = []
+        for k in shards:
+            out.append((self.journal_stream(k), stream_arguments(JOURNAL_MAX_BYTES)))
+            out.append((self.snapshot_stream(k), stream_arguments(SNAPSHOT_MAX_BYTES)))
+        return out
+
     @property
     def shard_record(self) -> str:
         """The durable queue whose arguments hold the shard count: ``{p}.shards``.
@@ -178,7 +204,19 @@ class Topology:
 
     def queue_names(self) -> list[str]:
         """Every queue name the topology declares."""
-        return [q for q, _ in self.owner_queues()] + [self.dead_queue, self.shard_record]
+        return (
+            [q for q, _ in self.owner_queues()] + [self.dead_queue, self.shard_record]
+            + [name for name, _ in self.streams()]
+        )
+
+
+def stream_arguments(max_bytes: int) -> dict[str, Any]:
+    """A durable stream capped at ``max_bytes`` (whole segments are dropped, oldest first)."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": max_bytes,
+        "x-stream-max-segment-size-bytes": min(STREAM_SEGMENT_BYTES, max_bytes),
+    }
 
 
 #: The roles of :func:`permission_layout`.
@@ -327,6 +365,8 @@ def declare_topology(channel: AmqpChannelLike, topology: Topology) -> None:
     channel.queue_declare(topology.dead_queue, durable=True, auto_delete=False,
                           arguments=topology.dead_queue_arguments())
     channel.queue_bind(topology.dead_queue, topology.dead_exchange, "")
+    for stream, stream_args in topology.streams():
+        channel.queue_declare(stream, durable=True, auto_delete=False, arguments=stream_args)
 
 
 def declare_shard_record(channel: AmqpChannelLike, topology: Topology) -> None:
