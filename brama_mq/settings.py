@@ -40,6 +40,9 @@ class Settings:
     prefetch: int = 500
     log_level: str = "INFO"
     max_command_bytes: int = 65_536
+    #: Commands a client keeps while the broker has not confirmed them (buffered while
+    #: it is away); beyond that a command raises OutboxFullError.
+    client_buffer: int = 10_000
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -47,7 +50,7 @@ class Settings:
                 f"prefix {self.prefix!r} must be 1-64 letters, digits, '_' or '-' "
                 "(it becomes part of exchange and queue names)"
             )
-        for name in ("shards", "prefetch", "max_command_bytes"):
+        for name in ("shards", "prefetch", "max_command_bytes", "client_buffer"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SettingsError(f"{name} must be a positive integer, got {value!r}")
@@ -74,6 +77,7 @@ class Settings:
             ("prefetch", "BRAMA_PREFETCH", int),
             ("log_level", "BRAMA_LOG_LEVEL", str),
             ("max_command_bytes", "BRAMA_MAX_COMMAND_BYTES", int),
+            ("client_buffer", "BRAMA_CLIENT_BUFFER", int),
         ):
             raw = env.get(var)
             if raw is None or raw == "" or overrides.get(field) is not None:
