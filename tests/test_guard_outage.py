@@ -19,6 +19,7 @@ import pytest
 from brama_mq.client import Brama
 from brama_mq.client.guard import runtime_for
 from brama_mq.client.local_view import LocalView
+from brama_mq.client.outbox import Outbox
 from brama_mq.errors import CircuitOpenError, OutboxFullError
 from brama_mq.owner import Owner, run_owner
 from brama_mq.transport import Topology
@@ -71,6 +72,7 @@ def test_views_follow_fail_mode_while_cut_off_and_resync_when_back(
         for client in clients:
             with client.guard("api", scope="s") as admission:
                 assert admission.why == "closed"
+            assert runtime_for(client).outbox.flush(10)  # those successes are confirmed
 
         node.stop()
         _until("both views stale", lambda: all(v.stale for v in views), timeout=10)
@@ -112,8 +114,9 @@ def test_client_buffers_commands_while_the_broker_is_away_and_flushes_them(
     node: brokers.PrivateNode, prefix: str
 ) -> None:
     """Broker stopped: commands sent without ``wait`` return at once, buffered up to
-    ``buffer_size``; one more raises OutboxFullError and is not kept. Broker back: the
-    client reconnects by itself and every buffered command reaches the owner (counted)."""
+    ``buffer_size``; one more raises OutboxFullError and is not kept; outcome reports
+    wait in the outbox meanwhile. Broker back: the client reconnects by itself and every
+    buffered command and report reaches the owner (counted)."""
     topology = Topology(prefix)
     owner_transport = AmqpTransport(node.url, topology, connect_timeout=2, reconnect_timeout=60,
                                     max_backoff=0.5)
@@ -137,13 +140,23 @@ def test_client_buffers_commands_while_the_broker_is_away_and_flushes_them(
         assert client.pending() == 40
         stats = client.link.stats()  # type: ignore[attr-defined]
         assert stats["refused"] == 1 and stats["reconnects"] >= 1
+        # Outcome reports (what guards and Celery tasks send) follow the same rule: the
+        # link refuses them while full, so the outbox keeps them and retries; none lost.
+        outbox = Outbox(client, linger=0)
+        for i in range(25):
+            assert outbox.put("failure", "api", "s", f"task {i} failed")
+        _until("the outbox retried", lambda: outbox.counters["retries"] >= 1, timeout=10)
+        assert outbox.pending() == 40 + 25 and outbox.counters["dropped"] == 0
 
         node.start()
         assert client.flush(60), client.link.stats()  # type: ignore[attr-defined]
+        assert outbox.flush(60), outbox.stats()
         _until("the owner applied every buffered failure",
-               lambda: client.status("api", scope="s")["failure_count"] == 41, timeout=30)
+               lambda: client.status("api", scope="s")["failure_count"] == 41 + 25, timeout=30)
         assert client.status("api", scope="s")["state"] == "closed"
         assert client.link.stats()["republished"] >= 1  # type: ignore[attr-defined]
+        assert outbox.counters["reports_sent"] == 25
+        outbox.close()
     finally:
         client.disconnect()
         owner.stop(wait=30)

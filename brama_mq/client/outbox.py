@@ -146,7 +146,6 @@ class Outbox:
         self._idle = False
         self._holding = False
         self._last_send = 0.0
-        self._link: Any = None  # the client link posted to (its buffer counts as pending)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -201,11 +200,10 @@ class Outbox:
             )
 
     def pending(self) -> int:
-        """Reports not yet confirmed by the broker: waiting here, in flight, and (once
-        the outbox has posted to the client's link) the link's unconfirmed commands,
-        which include the client's own commands sent without ``wait``."""
-        link = self._link
-        in_link = link.pending() if link is not None and self.pid == os.getpid() else 0
+        """Reports not yet confirmed by the broker: waiting here, in flight, and in the
+        client link's buffer (which also holds the client's own unconfirmed commands)."""
+        link: Any = self.client._link
+        in_link = link.pending() if link is not None and hasattr(link, "pending") else 0
         return len(self._queue) + len(self._inflight) + int(in_link)
 
     def stats(self) -> dict[str, int]:
@@ -234,7 +232,7 @@ class Outbox:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
-        link = self._link
+        link: Any = self.client._link
         if link is not None and self.pid == os.getpid() and hasattr(link, "flush"):
             return bool(link.flush(max(0.0, deadline - time.monotonic())))
         return True
@@ -349,7 +347,6 @@ class Outbox:
             post_many = getattr(link, "post_many", None)
             if post_many is not None:
                 post_many(bodies)
-                self._link = link
             else:
                 send_many = getattr(link, "send_many", None)
                 if send_many is not None:
