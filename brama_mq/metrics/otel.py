@@ -44,27 +44,36 @@ class OtelOwnerMetrics(OwnerSink):
         super().__init__()
         self.handler_id = handler_id
         meter = metrics.get_meter("brama_mq", __version__, meter_provider=meter_provider)
-        self.events = meter.create_counter("brama_events", description="Events published")
-        self.commands = meter.create_counter("brama_commands", description="Commands consumed")
-        self.dead_letters = meter.create_counter("brama_dead_letters",
-                                                 description="Commands dead-lettered")
         self.confirm_latency = meter.create_histogram(
             "brama_confirm_latency", unit="s",
             description="From publishing a batch's critical events to acking the batch",
         )
+        book = self.book
 
         def states(_: CallbackOptions) -> Iterable[Observation]:
-            for scope, connection, current, _count in self.book.rows():
+            for scope, connection, current, _count in book.rows():
                 for name in STATES:
                     yield Observation(1 if name == current else 0,
                                       {"scope": scope, "connection": connection, "state": name})
 
         def failures(_: CallbackOptions) -> Iterable[Observation]:
-            for scope, connection, _state, count in self.book.rows():
+            for scope, connection, _state, count in book.rows():
                 yield Observation(count, {"scope": scope, "connection": connection})
 
         def active(_: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(1 if self.book.active else 0)
+            yield Observation(1 if book.active else 0)
+
+        def events(_: CallbackOptions) -> Iterable[Observation]:
+            for name, n in dict(book.events).items():
+                yield Observation(n, {"event": name})
+
+        def commands(_: CallbackOptions) -> Iterable[Observation]:
+            for (op, result), n in dict(book.commands).items():
+                yield Observation(n, {"op": op, "result": result})
+
+        def dead_letters(_: CallbackOptions) -> Iterable[Observation]:
+            for reason, n in dict(book.dead_letters).items():
+                yield Observation(n, {"reason": reason})
 
         meter.create_observable_gauge("brama_circuit_state", [states],
                                       description="1 for the current state, 0 for the others")
@@ -72,19 +81,16 @@ class OtelOwnerMetrics(OwnerSink):
                                       description="The connection's failure count")
         meter.create_observable_gauge("brama_owner_active", [active],
                                       description="1 on the active owner, 0 on standbys")
+        meter.create_observable_counter("brama_events", [events],
+                                        description="Events published")
+        meter.create_observable_counter("brama_commands", [commands],
+                                        description="Commands consumed")
+        meter.create_observable_counter("brama_dead_letters", [dead_letters],
+                                        description="Commands dead-lettered")
 
     def attach(self) -> OtelOwnerMetrics:
         super().attach()
         return self
-
-    def count_event(self, event: str) -> None:
-        self.events.add(1, {"event": event})
-
-    def count_commands(self, op: str, result: str, n: int) -> None:
-        self.commands.add(n, {"op": op, "result": result})
-
-    def count_dead_letter(self, reason: str) -> None:
-        self.dead_letters.add(1, {"reason": reason})
 
     def observe_confirm(self, seconds: float) -> None:
         self.confirm_latency.record(seconds)

@@ -43,14 +43,15 @@ def _require_prometheus() -> None:
 
 
 class _BookCollector:
-    """Circuit states, failure counts and ``brama_owner_active``, read at scrape time."""
+    """Everything but the histogram, read from the book at scrape time."""
 
     def __init__(self, book: CircuitBook) -> None:
         self.book = book
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        book = self.book
         state = GaugeMetricFamily(
             "brama_circuit_state", "1 for the circuit's current state, 0 for the others",
             labels=["scope", "connection", "state"],
@@ -59,17 +60,29 @@ class _BookCollector:
             "brama_failure_count", "The connection's failure count",
             labels=["scope", "connection"],
         )
-        for scope, connection, current, count in self.book.rows():
+        for scope, connection, current, count in book.rows():
             for name in STATES:
                 state.add_metric([scope, connection, name], 1.0 if name == current else 0.0)
             failures.add_metric([scope, connection], float(count))
         active = GaugeMetricFamily(
             "brama_owner_active", "1 on the active owner (it receives commands), 0 on standbys"
         )
-        active.add_metric([], 1.0 if self.book.active else 0.0)
-        yield state
-        yield failures
-        yield active
+        active.add_metric([], 1.0 if book.active else 0.0)
+        events = CounterMetricFamily("brama_events", "Events the owner published, by type",
+                                     labels=["event"])
+        for name, n in sorted(dict(book.events).items()):
+            events.add_metric([name], float(n))
+        commands = CounterMetricFamily(
+            "brama_commands", "Commands the owner consumed, by op and result",
+            labels=["op", "result"],
+        )
+        for (op, result), n in sorted(dict(book.commands).items()):
+            commands.add_metric([op, result], float(n))
+        dead = CounterMetricFamily("brama_dead_letters", "Commands dead-lettered, by reason",
+                                   labels=["reason"])
+        for reason, n in sorted(dict(book.dead_letters).items()):
+            dead.add_metric([reason], float(n))
+        yield from (state, failures, active, events, commands, dead)
 
 
 class OwnerMetrics(OwnerSink):
@@ -77,18 +90,12 @@ class OwnerMetrics(OwnerSink):
 
     def __init__(self, registry: Any = None, *, handler_id: str = "brama-prometheus") -> None:
         _require_prometheus()
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Histogram
 
         super().__init__()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.handler_id = handler_id
         self.registry.register(_BookCollector(self.book))
-        self.events = Counter("brama_events", "Events the owner published, by type",
-                              ["event"], registry=self.registry)
-        self.commands = Counter("brama_commands", "Commands the owner consumed, by op and result",
-                                ["op", "result"], registry=self.registry)
-        self.dead_letters = Counter("brama_dead_letters", "Commands dead-lettered, by reason",
-                                    ["reason"], registry=self.registry)
         self.confirm_latency = Histogram(
             "brama_confirm_latency_seconds",
             "From publishing a batch's critical events to acking the batch",
@@ -98,15 +105,6 @@ class OwnerMetrics(OwnerSink):
     def attach(self) -> OwnerMetrics:
         super().attach()
         return self
-
-    def count_event(self, event: str) -> None:
-        self.events.labels(event).inc()
-
-    def count_commands(self, op: str, result: str, n: int) -> None:
-        self.commands.labels(op, result).inc(n)
-
-    def count_dead_letter(self, reason: str) -> None:
-        self.dead_letters.labels(reason).inc()
 
     def observe_confirm(self, seconds: float) -> None:
         self.confirm_latency.observe(seconds)

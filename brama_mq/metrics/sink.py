@@ -1,4 +1,4 @@
-"""The part every owner-metrics exporter shares: telemetry in, a few calls out."""
+"""The part every owner-metrics exporter shares: the owner's telemetry into a book."""
 
 from __future__ import annotations
 
@@ -12,52 +12,58 @@ __all__ = ["OwnerSink"]
 
 
 class OwnerSink:
-    """Follows the owner's telemetry; subclasses say where the numbers go."""
+    """Follows the owner's telemetry into a :class:`CircuitBook`; exporters read the book
+    when they are collected and say where the confirm latencies go."""
 
     handler_id = "brama-metrics"
 
     def __init__(self) -> None:
         self.book = CircuitBook()
 
+    def _handlers(self) -> dict[str, telemetry.Handler]:
+        return {
+            "event": self._on_event,
+            "batch": self._on_batch,
+            "dead_letter": self._on_dead_letter,
+            "confirm": self._on_confirm,
+            "start": self._on_start,
+            "stop": self._on_stop,
+        }
+
     def attach(self) -> Any:
-        telemetry.attach(self.handler_id, telemetry.EVENTS, self.handle)
+        """One handler per event name (no dispatch on the owner's per-event path)."""
+        for kind, handler in self._handlers().items():
+            telemetry.attach(f"{self.handler_id}:{kind}", ("brama", "owner", kind), handler)
         return self
 
     def detach(self) -> None:
-        telemetry.detach(self.handler_id)
+        for kind in self._handlers():
+            telemetry.detach(f"{self.handler_id}:{kind}")
 
-    def handle(self, name: telemetry.EventName, measurements: Mapping[str, Any],
-               metadata: Mapping[str, Any]) -> None:
-        kind = name[-1]
-        if kind == "event":
-            event = metadata["event"]
-            self.count_event(event.event)
-            self.book.apply(event)
-        elif kind == "batch":
-            self.book.saw_deliveries()
-            for (op, result), n in metadata["ops"].items():
-                self.count_commands(op, result, n)
-        elif kind == "dead_letter":
-            reason = metadata["reason"]
-            self.count_dead_letter(reason)
-            if reason == "decode":  # never reached the engine: its op is unknown
-                self.count_commands("invalid", "decode", 1)
-        elif kind == "confirm":
-            self.observe_confirm(measurements["duration"])
-        elif kind == "start":
-            self.book.seed(metadata["owner"].engine.statuses())
-            self.book.running = True
-        elif kind == "stop":
-            self.book.running = False
+    def _on_event(self, _: telemetry.EventName, __: Mapping[str, Any],
+                  metadata: Mapping[str, Any]) -> None:
+        self.book.apply(metadata["event"])
 
-    def count_event(self, event: str) -> None:
-        raise NotImplementedError
+    def _on_batch(self, _: telemetry.EventName, __: Mapping[str, Any],
+                  metadata: Mapping[str, Any]) -> None:
+        self.book.count_commands(metadata["ops"])
 
-    def count_commands(self, op: str, result: str, n: int) -> None:
-        raise NotImplementedError
+    def _on_dead_letter(self, _: telemetry.EventName, __: Mapping[str, Any],
+                        metadata: Mapping[str, Any]) -> None:
+        self.book.count_dead_letter(metadata["reason"])
 
-    def count_dead_letter(self, reason: str) -> None:
-        raise NotImplementedError
+    def _on_confirm(self, _: telemetry.EventName, measurements: Mapping[str, Any],
+                    __: Mapping[str, Any]) -> None:
+        self.observe_confirm(measurements["duration"])
+
+    def _on_start(self, _: telemetry.EventName, __: Mapping[str, Any],
+                  metadata: Mapping[str, Any]) -> None:
+        self.book.seed(metadata["owner"].engine.statuses())
+        self.book.running = True
+
+    def _on_stop(self, *_: Any) -> None:
+        self.book.running = False
 
     def observe_confirm(self, seconds: float) -> None:
+        """One batch's publish-to-ack latency."""
         raise NotImplementedError
