@@ -137,6 +137,9 @@ def map_error(
             detail += " (check the user, password and virtual host)"
         elif isinstance(exc, OSError | EOFError | amqp_exc.ConnectionError | socket.timeout):
             kind = BrokerUnavailableError
+        elif isinstance(exc, amqp_exc.NotFound) and "down or inaccessible" in str(exc):
+            # A node still starting: its durable queues and streams come back in a moment.
+            kind = BrokerUnavailableError
         else:
             kind = TransportError
     return kind(f"{what} failed ({where}): {detail}")
