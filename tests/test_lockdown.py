@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 import subprocess
 import time
 import uuid
@@ -21,8 +22,10 @@ from urllib.parse import urlsplit
 import amqp
 import pytest
 from amqp.exceptions import AccessRefused
+from celery import Celery
 
 import brama_mq
+from brama_mq.celery.runtime import runtime_for_app, shutdown_runtimes
 from brama_mq.client import Brama
 from brama_mq.errors import AccessRefusedError, BramaError, TransportError
 from brama_mq.settings import Settings
@@ -244,9 +247,10 @@ def test_tls_worker_client_and_subscriber(
     locked: Locked, tmp_path: Path, workers: list[WorkerProcess],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Over amqps:// with the test's CA: a worker process, a client and a subscriber work
-    (the broker's listener speaks TLS only); without the CA verification fails at once
-    with an error that says so, for the client, the CLI and the worker."""
+    """Over amqps:// with the test's CA: a worker process, a client, a subscriber, the CLI
+    and the Celery runtime (from Celery's broker_use_ssl) work (the listener is TLS only);
+    without the CA, verification fails at once with an error that says so, for the client,
+    the CLI and the worker."""
     prefix = f"tls{uuid.uuid4().hex[:8]}"
     url = locked.url("guest", tls=True)
     env = {"BRAMA_BROKER_URL": url, "BRAMA_PREFIX": prefix, "BRAMA_TLS_CA_FILE": locked.ca}
@@ -267,10 +271,19 @@ def test_tls_worker_client_and_subscriber(
         cli = run_cli(["status", "--json", "--tls-ca-file", locked.ca],
                       {"BRAMA_BROKER_URL": url, "BRAMA_PREFIX": prefix})
         assert cli.returncode == 0 and "tls_api" in cli.stdout, cli.stderr
+        # The Celery runtime, sharing Celery's amqps broker and its broker_use_ssl.
+        monkeypatch.delenv("BRAMA_TLS_CA_FILE")
+        app = Celery("tls_test", broker=url)
+        app.conf.broker_use_ssl = {"ca_certs": locked.ca, "cert_reqs": ssl.CERT_REQUIRED}
+        app.conf.brama_prefix = prefix
+        runtime = runtime_for_app(app, wait=True)
+        try:
+            assert runtime.view.state("tls_api") == "open"
+        finally:
+            shutdown_runtimes()
     finally:
         sub.close()
         client.disconnect()
-    monkeypatch.delenv("BRAMA_TLS_CA_FILE")
     # Verification failures: system CAs do not know the test CA.
     t0 = time.monotonic()
     with Brama(url, prefix=prefix) as stranger, pytest.raises(TransportError) as info:
