@@ -71,6 +71,13 @@ def make_certs(d: Path) -> None:
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
              "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem", cwd=d)
+    # A client certificate from the same CA, and one from a CA the broker does not know.
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=brama-client",
+             "-keyout", "client.key", "-out", "client.csr", cwd=d)
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-out", "client.pem", cwd=d)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             "/CN=rogue", "-keyout", "rogue.key", "-out", "rogue.pem", cwd=d)
     for f in d.iterdir():
         f.chmod(0o644)
 
@@ -89,7 +96,9 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Locked]:
             f"ssl_options.cacertfile = {certs / 'ca.pem'}\n"
             f"ssl_options.certfile = {certs / 'server.pem'}\n"
             f"ssl_options.keyfile = {certs / 'server.key'}\n"
-            "ssl_options.verify = verify_none\n"
+            # Ask for a client certificate and check it when one is sent; connections
+            # without one are still allowed (the other tests use none).
+            "ssl_options.verify = verify_peer\n"
             "ssl_options.fail_if_no_peer_cert = false\n"
         )
     problem = None
@@ -297,6 +306,19 @@ def test_tls_worker_client_and_subscriber(
                   ready=False)
     assert bad.wait(timeout=30) == 1
     assert "certificate was not accepted" in bad.output(), bad.output()
+    # A client certificate reaches the broker: one from its CA is accepted, a rogue one
+    # makes the broker end the handshake.
+    certs = locked.certs
+    mine = Settings.from_env({}, broker_url=url, prefix=prefix, tls_ca_file=locked.ca,
+                             tls_cert_file=str(certs / "client.pem"),
+                             tls_key_file=str(certs / "client.key"))
+    with Brama(settings=mine) as signed:
+        assert signed.status("tls_api")["state"] == "open"
+    rogue = Settings.from_env({}, broker_url=url, prefix=prefix, tls_ca_file=locked.ca,
+                              tls_cert_file=str(certs / "rogue.pem"),
+                              tls_key_file=str(certs / "rogue.key"))
+    with Brama(settings=rogue) as impostor, pytest.raises(TransportError, match=r"SSL|TLS"):
+        impostor.connect()
     # Verification off: encrypted, not authenticated (a test broker's escape hatch).
     loose = Settings.from_env({}, broker_url=url, prefix=prefix, tls_verify=False)
     with Brama(settings=loose) as lax:
