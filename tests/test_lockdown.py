@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 import subprocess
 import time
 import uuid
@@ -21,8 +22,10 @@ from urllib.parse import urlsplit
 import amqp
 import pytest
 from amqp.exceptions import AccessRefused
+from celery import Celery
 
 import brama_mq
+from brama_mq.celery.runtime import runtime_for_app, shutdown_runtimes
 from brama_mq.client import Brama
 from brama_mq.errors import AccessRefusedError, BramaError, TransportError
 from brama_mq.settings import Settings
@@ -68,6 +71,13 @@ def make_certs(d: Path) -> None:
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
              "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem", cwd=d)
+    # A client certificate from the same CA, and one from a CA the broker does not know.
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=brama-client",
+             "-keyout", "client.key", "-out", "client.csr", cwd=d)
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-out", "client.pem", cwd=d)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             "/CN=rogue", "-keyout", "rogue.key", "-out", "rogue.pem", cwd=d)
     for f in d.iterdir():
         f.chmod(0o644)
 
@@ -86,7 +96,9 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Locked]:
             f"ssl_options.cacertfile = {certs / 'ca.pem'}\n"
             f"ssl_options.certfile = {certs / 'server.pem'}\n"
             f"ssl_options.keyfile = {certs / 'server.key'}\n"
-            "ssl_options.verify = verify_none\n"
+            # Ask for a client certificate and check it when one is sent; connections
+            # without one are still allowed (the other tests use none).
+            "ssl_options.verify = verify_peer\n"
             "ssl_options.fail_if_no_peer_cert = false\n"
         )
     problem = None
@@ -244,9 +256,10 @@ def test_tls_worker_client_and_subscriber(
     locked: Locked, tmp_path: Path, workers: list[WorkerProcess],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Over amqps:// with the test's CA: a worker process, a client and a subscriber work
-    (the broker's listener speaks TLS only); without the CA verification fails at once
-    with an error that says so, for the client, the CLI and the worker."""
+    """Over amqps:// with the test's CA: a worker process, a client, a subscriber, the CLI
+    and the Celery runtime (from Celery's broker_use_ssl) work (the listener is TLS only);
+    without the CA, verification fails at once with an error that says so, for the client,
+    the CLI and the worker."""
     prefix = f"tls{uuid.uuid4().hex[:8]}"
     url = locked.url("guest", tls=True)
     env = {"BRAMA_BROKER_URL": url, "BRAMA_PREFIX": prefix, "BRAMA_TLS_CA_FILE": locked.ca}
@@ -267,10 +280,19 @@ def test_tls_worker_client_and_subscriber(
         cli = run_cli(["status", "--json", "--tls-ca-file", locked.ca],
                       {"BRAMA_BROKER_URL": url, "BRAMA_PREFIX": prefix})
         assert cli.returncode == 0 and "tls_api" in cli.stdout, cli.stderr
+        # The Celery runtime, sharing Celery's amqps broker and its broker_use_ssl.
+        monkeypatch.delenv("BRAMA_TLS_CA_FILE")
+        app = Celery("tls_test", broker=url)
+        app.conf.broker_use_ssl = {"ca_certs": locked.ca, "cert_reqs": ssl.CERT_REQUIRED}
+        app.conf.brama_prefix = prefix
+        runtime = runtime_for_app(app, wait=True)
+        try:
+            assert runtime.view.state("tls_api") == "open"
+        finally:
+            shutdown_runtimes()
     finally:
         sub.close()
         client.disconnect()
-    monkeypatch.delenv("BRAMA_TLS_CA_FILE")
     # Verification failures: system CAs do not know the test CA.
     t0 = time.monotonic()
     with Brama(url, prefix=prefix) as stranger, pytest.raises(TransportError) as info:
@@ -284,6 +306,19 @@ def test_tls_worker_client_and_subscriber(
                   ready=False)
     assert bad.wait(timeout=30) == 1
     assert "certificate was not accepted" in bad.output(), bad.output()
+    # A client certificate reaches the broker: one from its CA is accepted, a rogue one
+    # makes the broker end the handshake.
+    certs = locked.certs
+    mine = Settings.from_env({}, broker_url=url, prefix=prefix, tls_ca_file=locked.ca,
+                             tls_cert_file=str(certs / "client.pem"),
+                             tls_key_file=str(certs / "client.key"))
+    with Brama(settings=mine) as signed:
+        assert signed.status("tls_api")["state"] == "open"
+    rogue = Settings.from_env({}, broker_url=url, prefix=prefix, tls_ca_file=locked.ca,
+                              tls_cert_file=str(certs / "rogue.pem"),
+                              tls_key_file=str(certs / "rogue.key"))
+    with Brama(settings=rogue) as impostor, pytest.raises(TransportError, match=r"SSL|TLS"):
+        impostor.connect()
     # Verification off: encrypted, not authenticated (a test broker's escape hatch).
     loose = Settings.from_env({}, broker_url=url, prefix=prefix, tls_verify=False)
     with Brama(settings=loose) as lax:
