@@ -33,6 +33,7 @@ from brama_mq.transport import Topology
 from brama_mq.transport.amqp import AmqpTransport
 from brama_mq.transport.topology import permission_layout
 from tests import brokers
+from tests.metrics_helpers import free_port, scrape
 from tests.wire import KombuTap
 from tests.worker_proc import WorkerProcess, run_cli
 
@@ -330,16 +331,18 @@ def test_no_password_in_output(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The broker password appears nowhere: not in the worker's log (debug level, a
-    reconnect, a refused login), not in CLI output or errors, not in the client's log
-    (a reconnect) or its errors, not in the repr of settings and transports."""
+    reconnect, a refused login), not in its metrics labels, not in CLI output or errors,
+    not in the client's log (a reconnect) or its errors, not in the repr of settings and
+    transports."""
     caplog.set_level(logging.DEBUG, logger="brama_mq")
     node, prefix = locked.node, f"sec{uuid.uuid4().hex[:8]}"
     owner = _add_user(node, "owner", prefix)
     reporter = _add_user(node, "reporter", prefix)
     good, wrong = PASSWORDS[owner], f"wrong{secrets.token_hex(8)}"
+    metrics_port = free_port()
     env = {"BRAMA_BROKER_URL": locked.url(owner), "BRAMA_PREFIX": prefix,
            "BRAMA_LOG_LEVEL": "DEBUG"}
-    w = _worker(workers, tmp_path, env)
+    w = _worker(workers, tmp_path, {**env, "BRAMA_METRICS_PORT": str(metrics_port)})
     outputs: list[str] = []
     client = Brama(locked.url(reporter), prefix=prefix)
     try:
@@ -353,6 +356,10 @@ def test_no_password_in_output(
         status = run_cli(["status", "--json"], {**env, "BRAMA_BROKER_URL": locked.url(reporter)})
         assert status.returncode == 0 and "s1" in status.stdout, status.stderr
         outputs += [status.stdout, status.stderr]
+        # every metric name and label value the worker exports
+        samples = scrape(metrics_port)
+        assert any(name.startswith("brama_") for name, _ in samples)
+        outputs.append(repr(sorted(samples)))
     finally:
         client.disconnect()
     w.terminate()
