@@ -79,13 +79,8 @@ class _Kinds:
                 self.got["async_durable"].append(event.seq)
 
     def reconnects(self) -> list[int]:
-        """Reconnects of each subscription's event source (the transient ones share one)."""
-        out = []
-        for sub in self.subs:
-            pump = sub._source_pump()
-            assert pump is not None
-            out.append(pump.source.stats()["reconnects"])
-        return out
+        """Reconnects of each subscription's connection (the transient ones share one)."""
+        return [sub.stats()["reconnects"] for sub in self.subs]
 
     def connected(self) -> bool:
         """Every source has a live, set-up connection (bound again after a reconnect)."""
