@@ -280,6 +280,7 @@ class Follower:
         self.engine = engine
         self.applied = applied if applied is not None else AppliedIds()
         self.owner: str | None = None
+        self.previous_owner: str | None = None  # the owner before the last takeover
         self.n = 0
         self.acked = 0
         self.accepted = 0
@@ -323,6 +324,7 @@ class Follower:
                 self.owner, self.n, self.acked = seek.owner, seek.n, seek.n
             return record
         if record.kind == TAKEOVER:
+            self.previous_owner = self.owner
             self.owner = record.owner
             self.accepted += 1
             return record
@@ -339,7 +341,8 @@ class Follower:
             self.retained.append((record.n, critical))
         return record
 
-    def unconfirmed_events(self) -> list[Event]:
-        """Critical events of accepted batches after the last one known confirmed."""
-        acked = self.acked
+    def unconfirmed_events(self, acked: int | None = None) -> list[Event]:
+        """Critical events of accepted batches after the last one known confirmed
+        (``acked``, if the caller knows better than the journal)."""
+        acked = self.acked if acked is None else max(acked, self.acked)
         return [e for n, events in self.retained if n > acked for e in events]

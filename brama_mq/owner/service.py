@@ -315,7 +315,9 @@ class Owner:
             raise
         self.engine = replica.engine
         self.applied = replica.follower.applied
-        self._last_ping = 0.0
+        # The first ping after one interval: an owner whose queue holds commands learns it
+        # is active from them, and leaves no ping behind them (tests count queue depths).
+        self._last_ping = time.monotonic()
 
     def _standby_step(self, link: OwnerLink) -> None:
         """Follow the journal; ping the queue; take over as soon as deliveries come."""
@@ -325,14 +327,15 @@ class Owner:
         assert replica is not None
         held, self._held = self._held, []
         if not held:
-            replica.poll(_STANDBY_POLL_S)
+            replica.poll(_STANDBY_POLL_S / 2)
             self.engine = replica.engine
             self.applied = replica.follower.applied
             now = time.monotonic()
             if now - self._last_ping >= _PING_EVERY_S:
                 self._last_ping = now
                 link.ping()  # type: ignore[attr-defined]
-            held = link.fetch(self.batch_size, 0.0)
+            # Not 0: a TLS link reads nothing in a fetch that may not wait at all.
+            held = link.fetch(self.batch_size, _STANDBY_POLL_S / 2)
             if not held:
                 return
         self._take_over(link, held)
@@ -356,9 +359,11 @@ class Owner:
             engine = self._initial_engine
         self.engine = engine
         self.applied = follower.applied
+        # The same process taking the queue back knows what it saw confirmed itself.
+        mine = self._acked_n if follower.previous_owner == self._token != "" else None
+        again = follower.unconfirmed_events(mine)
         self._n = self._base_n = self._acked_n = follower.n
         self._token = token
-        again = follower.unconfirmed_events()
         replica.close()
         self._replica = None
         self._active = True

@@ -138,7 +138,8 @@ def map_error(
         elif isinstance(exc, OSError | EOFError | amqp_exc.ConnectionError | socket.timeout):
             kind = BrokerUnavailableError
         elif isinstance(exc, amqp_exc.NotFound) and "down or inaccessible" in str(exc):
-            # A node still starting: its durable queues and streams come back in a moment.
+            # A durable queue or stream whose home node is still starting (or gone):
+            # the broker is not fully there yet, which a retry cures.
             kind = BrokerUnavailableError
         else:
             kind = TransportError
