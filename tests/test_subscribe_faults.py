@@ -368,3 +368,28 @@ def test_sigkill_inside_a_batch_handler_redelivers_the_whole_batch(
 
 def _seqs_of_conn(stack: Stack, connection: str) -> list[int]:
     return [e.seq for e in stack.events if e.connection == connection]
+
+
+@pytest.mark.broker
+def test_an_unbounded_dead_queue_from_before_is_kept_and_the_owner_starts(
+    broker_url: str, prefix: str, broker_registry: brokers.Registry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ``{prefix}.dead`` declared without the limits (by an earlier version) does not
+    stop the owner: RabbitMQ refuses the new arguments, the transport says so in a
+    warning naming the queue, keeps the queue as it is, and dead-letters into it."""
+    t = AmqpTransport(broker_url, Topology(prefix), connect_timeout=5)
+    broker_registry.track_transport(prefix, t)
+    old = brokers.WireProbe(broker_url, t.topology.dead_queue)  # durable, no arguments
+    try:
+        with caplog.at_level("WARNING", logger="brama_mq.transport.amqp"), \
+                owner_stack(t) as stack:
+            stack.client.register("c", wait=True)
+            stack.client.link.send(b"not json")
+            assert old.wait_depth(1, 10) == 1
+            stack.client.failure("c", wait=True)  # and it goes on
+        assert any(t.topology.dead_queue in r.getMessage() and "unbounded" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        old.close()
+        t.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import _socket
 import atexit
 import contextlib
+import dataclasses
 import errno
 import functools
 import itertools
@@ -44,7 +45,7 @@ from typing import Any, TypeVar
 import amqp.exceptions as amqp_exc
 from amqp import spec
 from amqp.basic_message import Message
-from amqp.exceptions import MessageNacked
+from amqp.exceptions import MessageNacked, PreconditionFailed
 from kombu.connection import Connection as _KombuConnection
 
 from brama_mq.errors import (
@@ -2409,6 +2410,7 @@ class AmqpTransport:
         self._links: list[_AmqpLink] = []
         self._lock = threading.Lock()
         self._declared: set[tuple[str, str]] = set()
+        self._dead_unbounded = False  # warned that an old, unbounded dead queue is kept
 
     def __repr__(self) -> str:
         return f"AmqpTransport({self.masked_url!r}, prefix={self.topology.prefix!r})"
@@ -2428,13 +2430,28 @@ class AmqpTransport:
         )
 
     def _declare_on(self, channel: Any) -> None:
+        topology = self.topology
         try:
-            declare_topology(channel, self.topology)
-        except amqp_exc.PreconditionFailed as exc:
+            declare_topology(channel, topology)
+        except PreconditionFailed as exc:
             mismatch = self._shard_mismatch(exc)
-            if mismatch is None:
+            if mismatch is not None:
+                raise mismatch from exc
+            # A dead queue made before it was bounded (see Topology.dead_queue_arguments):
+            # keep it as it is rather than refuse to start, and say how to bound it.
+            if topology.dead_queue not in str(exc) or not topology.dead_queue_arguments():
                 raise
-            raise mismatch from exc
+            log.log(
+                logging.DEBUG if self._dead_unbounded else logging.WARNING,
+                "queue %s exists without the length limits this version declares (%s); "
+                "using it unbounded: drain and delete it to have it bounded",
+                topology.dead_queue, describe(exc, self.url),
+            )
+            self._dead_unbounded = True
+            if not channel.is_open:  # py-amqp reopens a channel the broker closed
+                channel.open()
+            topology = dataclasses.replace(topology, dead_max_length=None, dead_max_bytes=None)
+            declare_topology(channel, topology)
         for name, _ in self.topology.exchanges():
             self._note("exchange", name)
         for name in self.topology.queue_names():
