@@ -1749,19 +1749,21 @@ _RETURN_LOG_INTERVAL = 10.0
 class AmqpClientLink(_AmqpLink):
     """Commands and RPC for clients; safe to share between threads.
 
-    **One I/O thread per link** reads the socket: it processes confirms, returns and RPC
-    replies as they arrive and wakes the threads waiting for them (one Condition, so an
-    idle caller costs nothing and a confirm wakes only waiters), keeps heartbeats going,
-    and, when the connection is lost, reconnects with backoff (capped at the transport's
+    **Reading.** A caller waiting for a confirm or a reply reads the socket itself when
+    nobody else does (leader/followers, see :meth:`_wait_for`); the others sleep on one
+    Condition. **One I/O thread per link** reads confirms nobody waits for every
+    ``_IDLE_DRAIN`` s (not one wake-up per confirm), keeps heartbeats going and, when the
+    connection is lost, reconnects with backoff (capped at the transport's
     ``max_backoff``) for as long as the link is open, then republishes every unconfirmed
-    command in order. Callers only write, under the lock: a command is framed here (no
-    py-amqp ``Message``, no per-publish read of incoming frames) and written at once.
+    command in order. Callers write under the lock: a command is framed here (no py-amqp
+    ``Message``, no per-publish read of incoming frames) and written at once.
 
     **Buffer.** Every command stays in the link until the broker confirmed it: sent and
-    unconfirmed, or waiting for the broker to come back. :meth:`post` returns as soon as
-    the command is written (or buffered, while the broker is away); when ``max_buffer``
-    commands are already waiting it raises :class:`~brama_mq.errors.OutboxFullError`
-    and keeps nothing: a command is never dropped without the caller hearing of it.
+    unconfirmed, or waiting for the broker to come back. :meth:`post` returns once the
+    command is written (``confirm=True``: once confirmed while connected) or, while the
+    broker is away, buffered; when ``max_buffer`` commands already wait it raises
+    :class:`~brama_mq.errors.OutboxFullError` and keeps nothing (while connected it waits
+    for confirms instead): a command is never dropped without the caller hearing of it.
     :meth:`send` / :meth:`send_many` post and wait for the confirms; :meth:`flush` waits
     for everything posted so far.
 
