@@ -605,7 +605,9 @@ def part_relay(p: Params) -> dict[str, Any]:
             topo.owner_queue(), bind=[(topo.commands_exchange, "owner")], arguments=dict(args)
         )
         admin.queue(relay_queue, bind=[(topo.commands_exchange, "relay")], arguments=dict(args))
-        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")])
+        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")],
+                    arguments=topo.dead_queue_arguments())
+        admin.queue(topo.shard_record, arguments=topo.shard_record_arguments())
         for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
             admin.queue(stream, arguments=stream_args)
 
@@ -746,7 +748,9 @@ def part_storm(p: Params) -> dict[str, Any]:
             bind=[(topo.commands_exchange, "owner")],
             arguments=topo.owner_queue_arguments(),
         )
-        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")])
+        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")],
+                    arguments=topo.dead_queue_arguments())
+        admin.queue(topo.shard_record, arguments=topo.shard_record_arguments())
         for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
             admin.queue(stream, arguments=stream_args)
         ev = topo.events_exchange
@@ -842,7 +846,9 @@ def part_latency(p: Params) -> dict[str, Any]:
             bind=[(topo.commands_exchange, "owner")],
             arguments=topo.owner_queue_arguments(),
         )
-        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")])
+        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")],
+                    arguments=topo.dead_queue_arguments())
+        admin.queue(topo.shard_record, arguments=topo.shard_record_arguments())
         for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
             admin.queue(stream, arguments=stream_args)
         sub = Child(

@@ -655,8 +655,6 @@ class Owner:
         return 1
 
     def _publish(self, link: OwnerLink, events: Sequence[Event]) -> int:
-        if self._jw:
-            self._flush_journal(link)  # the inputs first: events never get ahead of them
         outgoing = []
         critical = 0
         for event in events:
@@ -664,6 +662,10 @@ class Owner:
             critical += is_critical
             key = routing_key(event.scope, event.connection, event.event)
             outgoing.append(Outgoing(key, encode_event(event), is_critical, event.id))
+        if critical and self._jw:
+            # The inputs first: a critical event never gets ahead of them (transient
+            # ones may; their batch's record follows at its end, before its ack).
+            self._flush_journal(link)
         link.publish(outgoing)
         self.stats.events += len(outgoing)
         self.stats.critical_events += critical
