@@ -430,6 +430,10 @@ def run(args: list[str]) -> dict[str, Any]:
         result["celery_plain_per_s"] = round(celery.pop("celery_plain_per_s"))
         result["celery_guarded_per_s"] = round(celery.pop("celery_guarded_per_s"))
         result.update(celery)
+    try:  # the shared machine's load when the run ended: the ratio's noise follows it
+        result["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        result["loadavg_1m"] = None
     result["params"] = {"calls": p.calls, "redis_calls": p.redis_calls, "repeat": p.repeat,
                         "tasks": p.tasks, "rounds": p.rounds}
     return result

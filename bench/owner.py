@@ -809,6 +809,13 @@ def part_storm(p: Params) -> dict[str, Any]:
         admin.cleanup()
 
 
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -957,6 +964,9 @@ def part_latency(p: Params) -> dict[str, Any]:
                 "owner_batches": o["stats"]["batches"],
                 "owner_commands": o["stats"]["commands"],
                 "owner_dead_lettered": o["stats"]["dead_lettered"],
+                # The machine's 1-minute load average when the part ended (2 cores,
+                # shared): p99 here follows the neighbours' load more than anything.
+                "loadavg_1m": _loadavg(),
             },
         }
     finally:

@@ -14,7 +14,10 @@ processes) when its first outcome command reaches its consumer callback (registr
 are outside the clock) and when it acked its last one. ``*_per_s = N / (last end - first
 start)``. Rounds alternate which layout goes first; ``shard_ratio`` is the median over
 rounds of ``two_shards / one_shard`` measured in the same round (each round's pair ran
-back to back, under the same load), the ``*_per_s`` figures are the medians.
+back to back, under the same load), the ``*_per_s`` figures are the medians. Each round
+also gives the owners' CPU time per command (``one_cpu_us``, ``two_cpu_us``: summed over
+the shard processes), which says how much of a poor ratio is CPU contention (the same
+work, less of a core each) rather than extra work.
 
 **(b) connections per GB.** Measured two ways, the larger cost counts:
 
@@ -57,6 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCOPE = "bench"
 PREFETCH = 500
 GB = 1_000_000_000
+#: Pause between pre-publishing and starting the owners (quorum queues write on after the
+#: last confirm); the same for both layouts.
+SETTLE_S = 1.0
 
 TARGETS: dict[str, tuple[str, float]] = {
     "shard_ratio": (">=", 1.3),
@@ -81,7 +87,7 @@ def parse(args: list[str]) -> Params:
     )
     parser.add_argument("--n", type=int, default=30_000, help="(a) timed outcome commands")
     parser.add_argument("--conns", type=int, default=400, help="(a) connections")
-    parser.add_argument("--repeat", type=int, default=3, help="(a) rounds of 1 vs 2 shards")
+    parser.add_argument("--repeat", type=int, default=5, help="(a) rounds of 1 vs 2 shards")
     parser.add_argument("--idle", type=int, default=300_000, help="(b) engine connections")
     parser.add_argument("--owner-conns", type=int, default=100_000,
                         help="(b) connections registered in a real owner")
@@ -172,6 +178,7 @@ def _child_owner(cfg: dict[str, Any]) -> dict[str, Any]:
             self.seen += 1
             if self.seen == start_at:
                 stamps["first"] = time.monotonic()
+                stamps["cpu_first"] = time.process_time()
 
         def ack(self, delivery_tag: int, multiple: bool = True) -> None:
             super().ack(delivery_tag, multiple)
@@ -181,6 +188,7 @@ def _child_owner(cfg: dict[str, Any]) -> dict[str, Any]:
                 rss["at"] = _rss()
             if "end" not in stamps and tag >= expect:
                 stamps["end"] = time.monotonic()
+                stamps["cpu_end"] = time.process_time()
                 assert owner is not None
                 owner.stop()
 
@@ -204,6 +212,7 @@ def _child_owner(cfg: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"owner stopped before acking {expect} deliveries")
     return {
         "first": stamps.get("first"), "end": stamps["end"], "connections": len(owner.engine),
+        "cpu": stamps["cpu_end"] - stamps.get("cpu_first", stamps["cpu_end"]),
         "rss_start": rss["start"], "rss_at": rss.get("at"), "rss_end": _rss(),
     }
 
@@ -296,6 +305,7 @@ def shard_round(p: Params, shards: int) -> dict[str, Any]:
     children: list[Child] = []
     try:
         counts = _prepublish(p.url, prefix, shards, p.conns, p.n)
+        time.sleep(SETTLE_S)  # the broker finishes writing the pre-published commands
         for k in range(shards):
             regs, total = counts[k]
             children.append(Child({
@@ -314,7 +324,8 @@ def shard_round(p: Params, shards: int) -> dict[str, Any]:
     start = min(r["first"] for r in results)
     end = max(r["end"] for r in results)
     return {"per_s": p.n / (end - start),
-            "per_shard_s": [round(r["end"] - r["first"], 3) for r in results]}
+            "per_shard_s": [round(r["end"] - r["first"], 3) for r in results],
+            "cpu_us_per_command": sum(r["cpu"] for r in results) / p.n * 1e6}
 
 
 # ------------------------------------------------------------------------------ (b) memory
@@ -369,7 +380,9 @@ def run(args: list[str]) -> dict[str, Any]:
         got = {s: shard_round(p, s) for s in order}
         rounds.append({"one": got[1]["per_s"], "two": got[2]["per_s"],
                        "ratio": got[2]["per_s"] / got[1]["per_s"],
-                       "two_per_shard_s": got[2]["per_shard_s"]})
+                       "two_per_shard_s": got[2]["per_shard_s"],
+                       "one_cpu_us": got[1]["cpu_us_per_command"],
+                       "two_cpu_us": got[2]["cpu_us_per_command"]})
     mem = memory(p)
     result: dict[str, Any] = {
         "one_shard_per_s": round(statistics.median(r["one"] for r in rounds)),

@@ -270,12 +270,13 @@ def _soak(url: str, prefix: str, tmp: Path, seconds: float, kill_every: float, r
             if now - start >= seconds:
                 break
             if now >= next_kill:
+                workers[1].wait_serving()  # the standby is up (started a period ago)
                 with kill_lock:
                     victim = workers.pop(0)
                     victim.kill()
                     killed_at = time.monotonic()
                 pending_probe = killed_at
-                spawn()  # the next standby (waits for it below, off the clock)
+                spawn()  # the next standby, checked before the next kill
                 next_kill = now + kill_every
             name = names[count % connections]
             op = CYCLE[sent[name] % len(CYCLE)]
@@ -287,7 +288,6 @@ def _soak(url: str, prefix: str, tmp: Path, seconds: float, kill_every: float, r
                     client.status(names[0], scope=SCOPE)  # from the new active owner
                 takeovers.append(time.monotonic() - pending_probe)
                 pending_probe = None
-                workers[-1].wait_serving()
             lag = start + count * interval - time.monotonic()
             if lag > 0:
                 time.sleep(lag)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from brama_mq.core.events import CLOSED, CRITICAL_EVENTS, EVENT_TYPES, HALF_OPEN, OPEN
     from brama_mq.core.policy import Policy
     from brama_mq.errors import (
+        AccessRefusedError,
         AlreadyRegisteredError,
         BramaError,
         BrokerUnavailableError,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
         PolicyError,
         ProtocolError,
         RequestTimeoutError,
+        ShardMismatchError,
         TransportError,
     )
     from brama_mq.protocol import Event
@@ -74,6 +76,7 @@ _EXPORTS: dict[str, str] = {
     "HALF_OPEN": "brama_mq.core.events",
     "OPEN": "brama_mq.core.events",
     "Policy": "brama_mq.core.policy",
+    "AccessRefusedError": "brama_mq.errors",
     "AlreadyRegisteredError": "brama_mq.errors",
     "BramaError": "brama_mq.errors",
     "BrokerUnavailableError": "brama_mq.errors",
@@ -87,6 +90,7 @@ _EXPORTS: dict[str, str] = {
     "PolicyError": "brama_mq.errors",
     "ProtocolError": "brama_mq.errors",
     "RequestTimeoutError": "brama_mq.errors",
+    "ShardMismatchError": "brama_mq.errors",
     "TransportError": "brama_mq.errors",
     "Event": "brama_mq.protocol",
     "Settings": "brama_mq.settings",
@@ -102,6 +106,7 @@ __all__ = [
     "EVENT_TYPES",
     "HALF_OPEN",
     "OPEN",
+    "AccessRefusedError",
     "AlreadyRegisteredError",
     "Applied",
     "Brama",
@@ -120,6 +125,7 @@ __all__ = [
     "ProtocolError",
     "RequestTimeoutError",
     "Settings",
+    "ShardMismatchError",
     "Subscription",
     "TransportError",
     "__version__",

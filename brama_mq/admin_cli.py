@@ -174,7 +174,7 @@ def status(
         click.echo(f"no breakers{where} (register one: brama-mq register NAME)")
         return
     table = Table(title=f"{len(rows)} breakers")
-    for column in ("scope", "connection", "state", "failures", "open left", "policy"):
+    for column in ("scope", "connection", "state", "failures", "time left open", "policy"):
         table.add_column(column)
     now = time.time() * 1000
     for row in sorted(rows, key=lambda r: (str(r["scope"]), r["connection"])):

@@ -120,6 +120,11 @@ def demo(
     "--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="BRAMA_METRICS_PORT",
     help="Serve Prometheus /metrics on this port [env BRAMA_METRICS_PORT; default off].",
 )
+@click.option(
+    "--otel", is_flag=True, envvar="BRAMA_OTEL",
+    help="Record the same metrics on the global OpenTelemetry meter provider "
+    "(e.g. under opentelemetry-instrument) [env BRAMA_OTEL].",
+)
 @tls_options
 @click.option(
     "--reconnect-timeout", type=str, default=None,
@@ -140,6 +145,7 @@ def worker(
     reconnect_timeout: str | None,
     snapshot_interval: str | None,
     metrics_port: int | None,
+    otel: bool,
 ) -> None:
     """Run a state owner: consume commands, run the breakers, publish events.
 
@@ -153,6 +159,7 @@ def worker(
       brama-mq worker
       BRAMA_BROKER_URL=amqp://user:pass@rabbit:5672/prod brama-mq worker --prefix brama
       brama-mq worker --metrics-port 9464     # Prometheus: http://host:9464/metrics
+      opentelemetry-instrument brama-mq worker --otel
     """
     from brama_mq.owner import Owner
     from brama_mq.transport import Topology, open_transport
@@ -213,10 +220,13 @@ def worker(
                 ", TLS" + ("" if settings.tls_verify else " without verification")
                 if settings.tls else "",
             )
+        meter = _otel_metrics(owner, probe=metrics is None) if otel else None
         owner.run()
         logging.getLogger("brama_mq.owner").info("worker stopped: %s", owner.stats.summary())
         if metrics is not None:
             metrics.close()
+        if meter is not None:
+            meter.close()
         transport.close()
     except BramaError as exc:
         _fail(f"{exc} (broker {settings.safe_broker_url})")
@@ -250,6 +260,16 @@ def _serve_metrics(owner: Any, port: int) -> Any:
     except OSError as exc:
         _fail(f"cannot serve metrics on port {port}: {exc.strerror or exc} "
               "(pick another --metrics-port)", EXIT_USAGE)
+
+
+def _otel_metrics(owner: Any, *, probe: bool) -> Any:
+    """Attach the OpenTelemetry meter (and the activity probe, if /metrics did not)."""
+    try:
+        from brama_mq.metrics.otel import attach_to_owner
+
+        return attach_to_owner(owner, probe=probe)
+    except RuntimeError as exc:  # opentelemetry-api missing
+        _fail(str(exc), EXIT_USAGE)
 
 
 @main.command()

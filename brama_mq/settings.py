@@ -50,6 +50,9 @@ class Settings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_verify: bool = True
+    #: Commands a client keeps while the broker has not confirmed them (buffered while
+    #: it is away); beyond that a command raises OutboxFullError.
+    client_buffer: int = 10_000
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -57,7 +60,7 @@ class Settings:
                 f"prefix {self.prefix!r} must be 1-64 letters, digits, '_' or '-' "
                 "(it becomes part of exchange and queue names)"
             )
-        for name in ("shards", "prefetch", "max_command_bytes"):
+        for name in ("shards", "prefetch", "max_command_bytes", "client_buffer"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SettingsError(f"{name} must be a positive integer, got {value!r}")
@@ -111,6 +114,12 @@ class Settings:
         opts = self.ssl_options()
         return {} if opts is None else {"ssl": opts}
 
+    def __repr__(self) -> str:
+        # Written by hand so the password never reaches a log line or a traceback.
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values["broker_url"] = redact_url(self.broker_url)
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in values.items()) + ")"
+
     @property
     def safe_broker_url(self) -> str:
         return redact_url(self.broker_url)
@@ -131,6 +140,7 @@ class Settings:
             ("tls_cert_file", "BRAMA_TLS_CERT_FILE", str),
             ("tls_key_file", "BRAMA_TLS_KEY_FILE", str),
             ("tls_verify", "BRAMA_TLS_VERIFY", _flag),
+            ("client_buffer", "BRAMA_CLIENT_BUFFER", int),
         ):
             raw = env.get(var)
             if raw is None or raw == "" or overrides.get(field) is not None:

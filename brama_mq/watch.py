@@ -176,21 +176,35 @@ def run_watch(
             return shown
         console = console or Console()
         view = WatchView(sub.bindings)
-        client = Brama(transport=sub._hub.transport, request_timeout=2.0)
-        try:
-            view.seed(client.snapshot())
-        except BramaError as exc:
-            view.note_line = f"no snapshot ({exc}); states fill in as events arrive"
-        finally:
-            client.link.close()
         live = console.is_terminal if live is None else live
-        if not live:
-            for row in view.rows.values():
-                console.print(f"{'state':<24} {row.connection} {row.state}", highlight=False,
-                              soft_wrap=True)
+
+        def seed() -> None:
+            client = Brama(transport=sub._hub.transport, request_timeout=2.0)
+            try:
+                view.seed(client.snapshot())
+            except BramaError as exc:
+                view.note_line = f"no snapshot ({exc}); states fill in as events arrive"
+            finally:
+                client.link.close()
+            if not live:
+                for row in view.rows.values():
+                    console.print(f"{'state':<24} {row.connection} {row.state}",
+                                  highlight=False, soft_wrap=True)
+
+        seed()
+        reconnects = _reconnects(sub)
         with Live(view.render(), console=console, refresh_per_second=4,
                   auto_refresh=False) if live else _NoLive() as screen:
             while count is None or shown < count:
+                now_reconnects = _reconnects(sub)
+                if now_reconnects != reconnects:
+                    # A transient queue misses what was published while it was away:
+                    # read the states again rather than show stale ones.
+                    reconnects = now_reconnects
+                    view.note_line = "reconnected: states read again from the owner"
+                    if not live:
+                        console.print(view.note_line, highlight=False, soft_wrap=True)
+                    seed()
                 event = sub.receive(_slice(end))
                 if event is not None:
                     view.note(event)
@@ -206,6 +220,14 @@ def run_watch(
         return shown
     finally:
         sub.close()
+
+
+def _reconnects(sub: Any) -> int:
+    """How often the subscription's connection was replaced so far."""
+    pump = sub._source_pump()
+    if pump is None:
+        return 0
+    return int(pump.source.stats().get("reconnects", 0))
 
 
 def _slice(end: float | None) -> float:

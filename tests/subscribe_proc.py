@@ -5,8 +5,10 @@
 to FILE: ``handled <pid> <scope> <connection> <seq> <event>``, flushed before the handler
 returns (so a SIGKILL right after leaves the line on disk). Prints ``ready`` once bound.
 ``--hang-on-seq N`` writes ``entered <pid> <seq>`` and then blocks forever in the handler
-(the test SIGKILLs it there). ``--stats FILE`` rewrites the subscription's counters as
-JSON every 0.1 s. SIGTERM closes the subscription and exits 0.
+(the test SIGKILLs it there); with ``--batch-size B`` (> 1) the handler takes batches and
+hangs on the batch holding seq N, writing ``entered <pid> <seqs...>``. ``--stats FILE``
+rewrites the subscription's counters as JSON every 0.1 s. SIGTERM closes the
+subscription and exits 0.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--hang-on-seq", type=int)
     parser.add_argument("--stats")
+    parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args(argv)
 
     out = open(args.out, "a", buffering=1)  # noqa: SIM115 (closed at exit)
@@ -53,10 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         out.write(f"handled {pid} {event.scope} {event.connection} {event.seq} {event.event}\n")
         out.flush()
 
+    def handle_batch(events: list[Event]) -> None:
+        """The whole batch is acknowledged after this returns: hang before writing any."""
+        if args.hang_on_seq is not None and any(e.seq == args.hang_on_seq for e in events):
+            out.write(f"entered {pid} {' '.join(str(e.seq) for e in events)}\n")
+            out.flush()
+            while True:
+                time.sleep(3600)
+        for event in events:
+            out.write(f"handled {pid} {event.scope} {event.connection} {event.seq} "
+                      f"{event.event}\n")
+        out.flush()
+
     sub = brama_mq.subscribe(
         connection=args.connection,
         name=args.name,
-        handler=handle,
+        handler=handle_batch if args.batch_size > 1 else handle,
+        batch_size=args.batch_size,
+        batch_timeout=0.2,
         prefetch=args.prefetch,
         max_length=args.max_length,
         queue_length=args.queue_length,

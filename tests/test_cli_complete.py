@@ -118,3 +118,17 @@ def test_status_table_filters_by_scope_and_state(
     closed = json.loads(cli("status", "--state", "closed", "--json").stdout)
     assert sorted(r["connection"] for r in closed) == ["cache", "ledger_db"]
     assert "no breakers in scope 'nope'" in cli("status", "--scope", "nope").stdout
+
+
+def test_errors_are_one_line_saying_what_to_check(tmp_path: object) -> None:
+    """An unreachable broker: exit 1, one line on stderr naming what to check, no password;
+    a bad flag value: exit 2 with click's usage error."""
+    env = {**os.environ, "BRAMA_BROKER_URL": "amqp://guest:s3cret@127.0.0.1:1//"}
+    out = subprocess.run([sys.executable, "-m", "brama_mq.cli", "status", "--timeout", "1"],
+                         env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("brama-mq: ")
+    assert "check --broker / BRAMA_BROKER_URL" in lines[0] and "s3cret" not in lines[0]
+    bad = CliRunner().invoke(main, ["status", "--state", "sideways"])
+    assert bad.exit_code == 2 and "sideways" in bad.output

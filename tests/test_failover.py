@@ -415,7 +415,9 @@ def test_worker_survives_two_broker_restarts_longer_than_its_reconnect_window(
         worker.wait_active(timeout=60, count=k + 1)
     sender.join(240)
     assert not problem, problem
-    assert confirmed == len(bodies) and retried > 0
+    # sends during an outage are buffered by the client link (flushed on reconnect) or,
+    # with a full buffer, raised and retried here with the same id: either way each lands
+    assert confirmed == len(bodies), (confirmed, retried)
     assert min(outages) > 4, outages  # longer than twice the reconnect window
 
     def settled() -> bool:

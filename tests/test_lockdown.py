@@ -7,7 +7,9 @@ certificate the fixture makes with the openssl CLI; users get exactly the permis
 
 from __future__ import annotations
 
+import logging
 import secrets
+import ssl
 import subprocess
 import time
 import uuid
@@ -20,8 +22,10 @@ from urllib.parse import urlsplit
 import amqp
 import pytest
 from amqp.exceptions import AccessRefused
+from celery import Celery
 
 import brama_mq
+from brama_mq.celery.runtime import runtime_for_app, shutdown_runtimes
 from brama_mq.client import Brama
 from brama_mq.errors import AccessRefusedError, BramaError, TransportError
 from brama_mq.settings import Settings
@@ -29,6 +33,7 @@ from brama_mq.transport import Topology
 from brama_mq.transport.amqp import AmqpTransport
 from brama_mq.transport.topology import permission_layout
 from tests import brokers
+from tests.metrics_helpers import free_port, scrape
 from tests.wire import KombuTap
 from tests.worker_proc import WorkerProcess, run_cli
 
@@ -67,6 +72,13 @@ def make_certs(d: Path) -> None:
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
              "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem", cwd=d)
+    # A client certificate from the same CA, and one from a CA the broker does not know.
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=brama-client",
+             "-keyout", "client.key", "-out", "client.csr", cwd=d)
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-out", "client.pem", cwd=d)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             "/CN=rogue", "-keyout", "rogue.key", "-out", "rogue.pem", cwd=d)
     for f in d.iterdir():
         f.chmod(0o644)
 
@@ -85,7 +97,9 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Locked]:
             f"ssl_options.cacertfile = {certs / 'ca.pem'}\n"
             f"ssl_options.certfile = {certs / 'server.pem'}\n"
             f"ssl_options.keyfile = {certs / 'server.key'}\n"
-            "ssl_options.verify = verify_none\n"
+            # Ask for a client certificate and check it when one is sent; connections
+            # without one are still allowed (the other tests use none).
+            "ssl_options.verify = verify_peer\n"
             "ssl_options.fail_if_no_peer_cert = false\n"
         )
     problem = None
@@ -149,20 +163,24 @@ def test_roles_do_their_job_and_nothing_else(
     locked: Locked, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
     """With the documented permissions only: the owner serves, a reporting service
-    reports outcomes and reads states (RPC and events), a subscriber receives events;
+    reports outcomes and reads states (RPC and events), a subscriber and a durable (named)
+    subscriber receive events;
     the reporter cannot publish to {p}.events nor consume {p}.owner, the subscriber cannot
     publish commands; brama_mq components raise AccessRefusedError when they try."""
     node, prefix = locked.node, f"perm{uuid.uuid4().hex[:8]}"
     owner = _add_user(node, "owner", prefix)
     reporter = _add_user(node, "reporter", prefix)
     subscriber = _add_user(node, "subscriber", prefix)
+    durable = _add_user(node, "durable_subscriber", prefix)
     topo = Topology(prefix)
     _worker(workers, tmp_path, {"BRAMA_BROKER_URL": locked.url(owner), "BRAMA_PREFIX": prefix})
 
     # The subscriber's job: events, through the public subscribe() API.
     sub = brama_mq.subscribe(broker_url=locked.url(subscriber), prefix=prefix,
                              events=["state_change"])
-    client = Brama(locked.url(reporter), prefix=prefix)
+    named = brama_mq.subscribe(broker_url=locked.url(durable), prefix=prefix, name="audit",
+                               events=["state_change"])
+    client = Brama(locked.url(reporter), prefix=prefix).connect()
     try:
         # The reporter's job: register, report, read states (RPC and its own event queue).
         client.register("payment_api", scope="pay", max_attempts=2, wait=True)
@@ -177,6 +195,9 @@ def test_roles_do_their_job_and_nothing_else(
         view.close()
         first = sub.receive(timeout=10)
         assert first is not None and first.data["new_state"] == "open"
+        kept = named.receive(timeout=10)
+        assert kept is not None and kept.data["new_state"] == "open"
+        named.delete()  # its own queues: within its configure permission
 
         # What they must not do, seen on the wire ...
         msg = amqp.Message(b"{}")
@@ -198,6 +219,7 @@ def test_roles_do_their_job_and_nothing_else(
             intruder.open("payment_api", scope="pay")
     finally:
         sub.close()
+        named.close()
         client.disconnect()
 
 
@@ -235,9 +257,10 @@ def test_tls_worker_client_and_subscriber(
     locked: Locked, tmp_path: Path, workers: list[WorkerProcess],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Over amqps:// with the test's CA: a worker process, a client and a subscriber work
-    (the broker's listener speaks TLS only); without the CA verification fails at once
-    with an error that says so, for the client, the CLI and the worker."""
+    """Over amqps:// with the test's CA: a worker process, a client, a subscriber, the CLI
+    and the Celery runtime (from Celery's broker_use_ssl) work (the listener is TLS only);
+    without the CA, verification fails at once with an error that says so, for the client,
+    the CLI and the worker."""
     prefix = f"tls{uuid.uuid4().hex[:8]}"
     url = locked.url("guest", tls=True)
     env = {"BRAMA_BROKER_URL": url, "BRAMA_PREFIX": prefix, "BRAMA_TLS_CA_FILE": locked.ca}
@@ -258,10 +281,19 @@ def test_tls_worker_client_and_subscriber(
         cli = run_cli(["status", "--json", "--tls-ca-file", locked.ca],
                       {"BRAMA_BROKER_URL": url, "BRAMA_PREFIX": prefix})
         assert cli.returncode == 0 and "tls_api" in cli.stdout, cli.stderr
+        # The Celery runtime, sharing Celery's amqps broker and its broker_use_ssl.
+        monkeypatch.delenv("BRAMA_TLS_CA_FILE")
+        app = Celery("tls_test", broker=url)
+        app.conf.broker_use_ssl = {"ca_certs": locked.ca, "cert_reqs": ssl.CERT_REQUIRED}
+        app.conf.brama_prefix = prefix
+        runtime = runtime_for_app(app, wait=True)
+        try:
+            assert runtime.view.state("tls_api") == "open"
+        finally:
+            shutdown_runtimes()
     finally:
         sub.close()
         client.disconnect()
-    monkeypatch.delenv("BRAMA_TLS_CA_FILE")
     # Verification failures: system CAs do not know the test CA.
     t0 = time.monotonic()
     with Brama(url, prefix=prefix) as stranger, pytest.raises(TransportError) as info:
@@ -275,6 +307,19 @@ def test_tls_worker_client_and_subscriber(
                   ready=False)
     assert bad.wait(timeout=30) == 1
     assert "certificate was not accepted" in bad.output(), bad.output()
+    # A client certificate reaches the broker: one from its CA is accepted, a rogue one
+    # makes the broker end the handshake.
+    certs = locked.certs
+    mine = Settings.from_env({}, broker_url=url, prefix=prefix, tls_ca_file=locked.ca,
+                             tls_cert_file=str(certs / "client.pem"),
+                             tls_key_file=str(certs / "client.key"))
+    with Brama(settings=mine) as signed:
+        assert signed.status("tls_api")["state"] == "open"
+    rogue = Settings.from_env({}, broker_url=url, prefix=prefix, tls_ca_file=locked.ca,
+                              tls_cert_file=str(certs / "rogue.pem"),
+                              tls_key_file=str(certs / "rogue.key"))
+    with Brama(settings=rogue) as impostor, pytest.raises(TransportError, match=r"SSL|TLS"):
+        impostor.connect()
     # Verification off: encrypted, not authenticated (a test broker's escape hatch).
     loose = Settings.from_env({}, broker_url=url, prefix=prefix, tls_verify=False)
     with Brama(settings=loose) as lax:
@@ -282,17 +327,22 @@ def test_tls_worker_client_and_subscriber(
 
 
 def test_no_password_in_output(
-    locked: Locked, tmp_path: Path, workers: list[WorkerProcess]
+    locked: Locked, tmp_path: Path, workers: list[WorkerProcess],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The broker password appears nowhere: not in the worker's log (debug level, a
-    reconnect, a refused login), not in CLI output or errors, not in client errors."""
+    reconnect, a refused login), not in its metrics labels, not in CLI output or errors,
+    not in the client's log (a reconnect) or its errors, not in the repr of settings and
+    transports."""
+    caplog.set_level(logging.DEBUG, logger="brama_mq")
     node, prefix = locked.node, f"sec{uuid.uuid4().hex[:8]}"
     owner = _add_user(node, "owner", prefix)
     reporter = _add_user(node, "reporter", prefix)
     good, wrong = PASSWORDS[owner], f"wrong{secrets.token_hex(8)}"
+    metrics_port = free_port()
     env = {"BRAMA_BROKER_URL": locked.url(owner), "BRAMA_PREFIX": prefix,
            "BRAMA_LOG_LEVEL": "DEBUG"}
-    w = _worker(workers, tmp_path, env)
+    w = _worker(workers, tmp_path, {**env, "BRAMA_METRICS_PORT": str(metrics_port)})
     outputs: list[str] = []
     client = Brama(locked.url(reporter), prefix=prefix)
     try:
@@ -306,6 +356,10 @@ def test_no_password_in_output(
         status = run_cli(["status", "--json"], {**env, "BRAMA_BROKER_URL": locked.url(reporter)})
         assert status.returncode == 0 and "s1" in status.stdout, status.stderr
         outputs += [status.stdout, status.stderr]
+        # every metric name and label value the worker exports
+        samples = scrape(metrics_port)
+        assert any(name.startswith("brama_") for name, _ in samples)
+        outputs.append(repr(sorted(samples)))
     finally:
         client.disconnect()
     w.terminate()
@@ -327,6 +381,9 @@ def test_no_password_in_output(
             outputs += [str(exc), repr(exc)]
             exc = exc.__cause__ or exc.__context__
         outputs.append(repr(c.transport))
+    outputs.append(repr(Settings.from_env({}, broker_url=bad_url)))
+    assert "reconnect" in caplog.text  # the client's own link saw the cut too
+    outputs.append(caplog.text)
     text = "\n".join(outputs)
     assert len(text) > 1000 and "s1" in text
     for secret in (good, wrong):

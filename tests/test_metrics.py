@@ -233,3 +233,72 @@ def test_prefork_celery_worker_serves_guard_checks_of_all_children(
         client.disconnect()
         transport.close()
         sender.close()
+
+
+SITECUSTOMIZE = '''
+import os
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+_out = open(os.environ["OTEL_TEST_OUT"], "a", buffering=1)
+_exporter = ConsoleMetricExporter(out=_out, formatter=lambda d: d.to_json(indent=None) + "\\n")
+metrics.set_meter_provider(MeterProvider(
+    metric_readers=[PeriodicExportingMetricReader(_exporter, export_interval_millis=300)]))
+'''
+
+
+@pytest.mark.broker
+def test_worker_otel_flag_records_on_the_global_meter_provider(
+    broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry
+) -> None:
+    """`brama-mq worker --otel` records on whatever global MeterProvider the process has
+    (here an SDK provider exporting JSON lines, installed by a sitecustomize, as
+    opentelemetry-instrument would): the circuit opened and the owner is active."""
+    import json
+    import os
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    out = tmp_path / "otel.jsonl"
+    root = str(Path(__file__).resolve().parent.parent)
+    settings = {"BRAMA_BROKER_URL": broker_url, "BRAMA_PREFIX": prefix,
+                "OTEL_TEST_OUT": str(out),
+                "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), root])}
+    transport = AmqpTransport(broker_url, Topology(prefix), reconnect_timeout=10)
+    broker_registry.track_transport(prefix, transport)
+    worker = WorkerProcess(tmp_path / "owner.log", settings, ["--otel"])
+    client = Brama(transport=transport)
+    try:
+        worker.wait_ready()
+        client.register("payment_api", scope="payments", max_attempts=1, wait=True)
+        client.failure("payment_api", scope="payments", reason="down", wait=True)
+
+        def latest() -> dict[str, list[tuple[dict[str, Any], Any]]]:
+            lines = out.read_text().splitlines() if out.exists() else []
+            found: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+            if not lines:
+                return found
+            for rm in json.loads(lines[-1])["resource_metrics"]:
+                for sm in rm["scope_metrics"]:
+                    for metric in sm["metrics"]:
+                        for p in metric["data"]["data_points"]:
+                            found.setdefault(metric["name"], []).append(
+                                (p["attributes"], p.get("value", p.get("count"))))
+            return found
+
+        def opened(found: dict[str, list[tuple[dict[str, Any], Any]]]) -> bool:
+            return ({"scope": "payments", "connection": "payment_api", "state": "open"}, 1) in \
+                found.get("brama_circuit_state", [])
+
+        found = wait_for(latest, opened, 20, "brama_circuit_state on the OTel exporter")
+        assert ({}, 1) in found["brama_owner_active"]
+        assert ({"op": "failure", "result": "applied"}, 1) in found["brama_commands"]
+    finally:
+        client.disconnect()
+        worker.terminate()
+        try:
+            assert worker.wait(15) == 0
+        finally:
+            worker.close()
+        transport.close()

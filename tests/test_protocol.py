@@ -82,6 +82,7 @@ def test_exported_names() -> None:
         "Event",
         "Op",
         "Reply",
+        "command_body",
         "decode_command",
         "decode_event",
         "decode_reply",
@@ -89,6 +90,7 @@ def test_exported_names() -> None:
         "encode_event",
         "encode_reply",
         "make_command",
+        "new_command_id",
     }
     assert not COMMAND_OPS & QUERY_OPS
     assert {"configure", "snapshot"} == CONNECTION_OPTIONAL_OPS
@@ -371,3 +373,56 @@ def test_reply_version_checked() -> None:
     with pytest.raises(ProtocolError, match="unsupported version") as info:
         decode_reply(b'{"v": 2, "ok": true}')
     assert info.value.field == "v"
+
+
+# -- the client's encode path: command_body == encode_command(make_command(...)) ---------
+_json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    op=st.sampled_from(sorted(protocol.COMMAND_OPS | protocol.QUERY_OPS)),
+    connection=st.text(min_size=1, max_size=12),
+    scope=st.none() | st.text(min_size=1, max_size=12),
+    reason=st.none() | st.text(max_size=20) | st.integers(),
+    options=st.none() | st.dictionaries(st.text(max_size=6) | st.integers(), _json, max_size=3),
+    now_ms=st.integers(min_value=-1, max_value=2**53),
+)
+def test_command_body_encodes_what_make_command_encodes(
+    op: str, connection: str, scope: str | None, reason: Any, options: Any, now_ms: int
+) -> None:
+    """command_body gives the bytes of encode_command(make_command(...)) with the same id,
+    or raises the error make_command/check_names raises for the same arguments."""
+    from brama_mq.core.routing import check_names
+    from brama_mq.errors import InvalidNameError
+
+    try:
+        check_names(scope, connection)
+        expected: Any = protocol.encode_command(
+            protocol.make_command(op, connection, scope, reason, options, now_ms=now_ms,
+                                  id="the-id")
+        )
+    except (InvalidNameError, ProtocolError) as exc:
+        expected = type(exc)
+    try:
+        got: Any = protocol.command_body(
+            op, connection, scope, reason, options, now_ms=now_ms, id="the-id"
+        )[0]
+    except (InvalidNameError, ProtocolError) as exc:
+        got = type(exc)
+    assert got == expected
+
+
+def test_command_body_ids_are_unique_and_drawn_per_process() -> None:
+    """Without an id, each command gets a new one: a per-process prefix plus a counter."""
+    ids = {protocol.command_body("failure", "api", now_ms=1)[1] for _ in range(1000)}
+    assert len(ids) == 1000
+    body, ident = protocol.command_body("success", "api", "s", now_ms=7)
+    assert json.loads(body)["id"] == ident
+    prefix = ident.rsplit("-", 1)[0]
+    assert len(prefix) == 20 and all(c in "0123456789abcdef" for c in prefix)

@@ -75,8 +75,10 @@ def test_shard_record_refuses_a_client_with_another_count(
     other = broker_registry.track_transport(prefix, AmqpTransport(broker_url, Topology(prefix, 3)))
     client = Brama(transport=other)
     with pytest.raises(ShardMismatchError) as info:
-        client.register("payment_api")
+        client.connect()
     assert (info.value.configured, info.value.stored) == (3, 2)
+    with pytest.raises(ShardMismatchError):
+        client.register("payment_api")
     assert "configured for 3 shard(s)" in str(info.value) and "says 2 shard(s)" in str(info.value)
     # The same count is accepted (and a passive client declares no owner queue).
     same = broker_registry.track_transport(prefix, AmqpTransport(broker_url, Topology(prefix, 2)))
@@ -203,3 +205,21 @@ def test_worker_log_names_shard(
     env = {"BRAMA_BROKER_URL": broker_url, "BRAMA_PREFIX": prefix}
     w = _worker(workers, tmp_path, env, "--shards", "2", "--shard", "1")
     assert re.search(r"shard 1 of 2", w.output()), w.output()
+
+
+def test_subscriber_first_stores_no_shard_count(
+    broker_url: str, prefix: str, broker_registry: brokers.Registry
+) -> None:
+    """A subscriber that starts before any owner (it does not know the shard count)
+    creates the exchanges it binds to but no shard record, so owners of any count start."""
+    sub_t = broker_registry.track_transport(prefix, AmqpTransport(broker_url, Topology(prefix)))
+    source = sub_t.event_source()
+    source.bind(["#"])
+    assert ("queue", f"{prefix}.shards") not in sub_t.declared()
+    owners = broker_registry.track_transport(
+        prefix, AmqpTransport(broker_url, Topology(prefix, 2)))
+    owners.declare()  # stores 2; a 1-shard record from the subscriber would refuse this
+    with pytest.raises(ShardMismatchError):
+        Brama(transport=broker_registry.track_transport(
+            prefix, AmqpTransport(broker_url, Topology(prefix, 1)))).connect()
+    source.close()

@@ -435,7 +435,7 @@ def test_subscription_repr_and_stats_shape(memory_transport: MemoryTransport) ->
     sub: Subscription = brama_mq.subscribe(scope="s", transport=memory_transport)
     assert "s.*.*" in repr(sub) and sub.name is None and not sub.durable
     assert set(sub.stats()) >= {"received", "handled", "duplicates", "dropped", "errors",
-                                "dead_lettered", "buffered"}
+                                "dead_lettered", "buffered", "reconnects"}
     assert sub.queue_depth() == 0
     sub.close()
     assert "closed" in repr(sub)

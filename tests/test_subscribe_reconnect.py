@@ -51,3 +51,42 @@ def test_subscriptions_survive_closed_connections(
     assert got and got[-1] == 4 and set(got) <= {3, 4}  # what came before the rebind is lost
     assert transient.queue != old_queue  # a new server-named queue, bound again
     named.delete()
+
+
+def test_watch_reads_the_states_again_after_a_reconnect(
+    stack: Stack, private_node: brokers.PrivateNode
+) -> None:
+    """``brama-mq watch`` (plain lines) prints the owner's states at start and, after its
+    connection was cut and replaced, says so and prints them again: a transient queue
+    misses what happened while it was away, so the table is not left stale."""
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from brama_mq.watch import run_watch
+    from tests.subscribe_helpers import wait_until
+
+    stack.client.register("w", max_attempts=1, wait=True)
+    stack.client.failure("w", wait=True)  # open
+    buf = io.StringIO()
+    ready = threading.Event()
+    thread = threading.Thread(target=run_watch, kwargs=dict(
+        connection=["w"], count=2, seconds=30, live=False, transport=stack.transport,
+        console=Console(file=buf, width=200), on_ready=lambda _: ready.set()))
+    thread.start()
+    try:
+        assert ready.wait(10)
+
+        def state_lines() -> int:
+            return sum(1 for line in buf.getvalue().splitlines()
+                       if line.split()[:3] == ["state", "w", "open"])
+
+        wait_until(lambda: state_lines() == 1, 10, buf.getvalue)
+        private_node.close_connections("brama test: watch must reconnect")
+        wait_until(lambda: state_lines() == 2, 20, buf.getvalue)
+        assert "reconnected: states read again from the owner" in buf.getvalue()
+        stack.client.close("w", wait=True)  # and events keep coming (2: the watch ends)
+        wait_until(lambda: "circuit_closed" in buf.getvalue(), 20, buf.getvalue)
+    finally:
+        thread.join(20)

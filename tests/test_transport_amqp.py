@@ -182,6 +182,70 @@ def test_client_survives_a_lost_connection(amqp_transport: AmqpTransport) -> Non
     assert client.stats()["reconnects"] == 1
 
 
+def test_client_link_threads_share_the_connection_and_every_send_is_confirmed(
+    amqp_transport: AmqpTransport,
+) -> None:
+    """Eight threads sending at once: each send returns confirmed, nothing left pending,
+    and the queue holds every command."""
+    import threading
+
+    client = amqp_transport.client_link()
+    errors: list[BaseException] = []
+
+    def send(k: int) -> None:
+        try:
+            for i in range(100):
+                client.send(b"t%d-%d" % (k, i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    stats = client.stats()
+    assert stats["sent"] == stats["confirmed"] == 800 and stats["pending"] == 0
+    wire = brokers.WireProbe(amqp_transport.url, amqp_transport.topology.owner_queue(),
+                             declare=False)
+    try:
+        wire.wait_depth(800)
+    finally:
+        wire.close()
+
+
+def test_posted_commands_and_a_later_request_reach_the_queue_in_order(
+    amqp_transport: AmqpTransport,
+) -> None:
+    """post() returns without waiting; flush() waits for the confirms; a request sent
+    after them (no owner: it times out) is queued behind them, on the same channel."""
+    from brama_mq.errors import RequestTimeoutError
+
+    client = amqp_transport.client_link()
+    for i in range(300):
+        client.post(b"p%d" % i)
+    assert client.flush(30) and client.pending() == 0
+    with pytest.raises(RequestTimeoutError):
+        client.request(b"query", 0.3)
+    owner = amqp_transport.owner_link(prefetch=500)
+    bodies = [d.body for d in _fetch_n(owner, 301)]
+    assert bodies == [b"p%d" % i for i in range(300)] + [b"query"]
+
+
+def test_a_full_client_buffer_waits_for_confirms_while_connected(
+    amqp_transport: AmqpTransport,
+) -> None:
+    """Connected, a full buffer is backpressure (post waits for confirms), not an error."""
+    client = amqp_transport.client_link()
+    client.max_buffer = 20  # type: ignore[attr-defined]
+    for i in range(200):
+        client.post(b"b%d" % i)
+    assert client.flush(30)
+    stats = client.stats()
+    assert stats["refused"] == 0 and stats["confirmed"] == 200
+
+
 def test_refused_connection_maps_to_broker_unavailable() -> None:
     """A closed port gives BrokerUnavailableError with the cause kept and no password shown."""
     url = f"amqp://brama:s3cr3t@127.0.0.1:{brokers.free_port()}//"

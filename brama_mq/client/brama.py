@@ -6,9 +6,11 @@ in the caller's stack with the bad value named, not later in a dead-letter queue
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from brama_mq.core.events import OPEN
@@ -21,7 +23,7 @@ from brama_mq.errors import (
     PolicyError,
 )
 from brama_mq.owner.service import wall_clock_ms
-from brama_mq.protocol import Command, Event, Reply, decode_reply, encode_command, make_command
+from brama_mq.protocol import Event, Reply, command_body, decode_reply
 from brama_mq.settings import Settings
 from brama_mq.transport import Topology, Transport, open_transport
 from brama_mq.transport.base import ClientLink
@@ -57,9 +59,17 @@ class Brama:
         shards: int | None = None,
         settings: Settings | None = None,
         request_timeout: float = 5.0,
+        buffer_size: int | None = None,
     ) -> None:
+        """``buffer_size``: commands sent without ``wait`` that may wait for the broker's
+        confirm (while it is away, until it is back); one more raises OutboxFullError.
+        Default ``BRAMA_CLIENT_BUFFER`` (10,000)."""
         if settings is None:
-            settings = Settings.from_env(broker_url=broker_url, prefix=prefix, shards=shards)
+            settings = Settings.from_env(
+                broker_url=broker_url, prefix=prefix, shards=shards, client_buffer=buffer_size
+            )
+        elif buffer_size is not None:
+            settings = replace(settings, client_buffer=buffer_size)
         self.settings = settings
         self._owns_transport = transport is None
         if transport is None:
@@ -83,9 +93,21 @@ class Brama:
         if link is None:
             with self._lock:
                 if self._link is None:
-                    self._link = self.transport.client_link()
+                    new = self.transport.client_link()
+                    if hasattr(new, "max_buffer"):
+                        new.max_buffer = self.settings.client_buffer
+                    self._link = new
+                    _CLIENTS.add(self)
                 link = self._link
         return link
+
+    def connect(self) -> Brama:
+        """Connect now instead of at the first call, to fail at start-up: an unreachable
+        broker, refused credentials or permissions, a TLS certificate not accepted, or a
+        shard count other than the broker's record (:class:`ShardMismatchError`, naming
+        both counts) raise here. Local views and Celery guards connect at start anyway."""
+        _ = self.link
+        return self
 
     def _route(self, scope: str | None, connection: str | None) -> str:
         shards = self.transport.topology.shards
@@ -93,12 +115,17 @@ class Brama:
             return "owner"
         return f"owner.{stable_shard(scope, connection, shards)}"
 
-    def _send(self, command: Command, wait: bool) -> Applied | None:
-        body = encode_command(command)
-        key = self._route(command.scope, command.connection)
-        if not wait:
-            self.link.send(body, key, message_id=command.id)
-            return None
+    def _post(self, body: bytes, key: str, ident: str) -> None:
+        """Send a command: returns once the broker confirmed it, or, while the broker is
+        away, once it is buffered (OutboxFullError when the buffer is full)."""
+        link: Any = self.link
+        post = getattr(link, "post", None)
+        if post is None:  # a ClientLink without a buffer: confirmed send
+            link.send(body, key, message_id=ident)
+        else:
+            post(body, key, message_id=ident, confirm=True)
+
+    def _applied(self, body: bytes, key: str) -> Applied:
         reply = decode_reply(self.link.request(body, self.request_timeout, key))
         result = reply.result if isinstance(reply.result, Mapping) else {}
         status = str(result.get("status", "applied" if reply.ok else "invalid"))
@@ -119,10 +146,10 @@ class Brama:
         **options: Any,
     ) -> Any:
         """One RPC to the owner (of ``key``, default the connection's shard)."""
-        command = make_command(op, connection, scope, options=options, now_ms=wall_clock_ms())
+        body, _ = command_body(op, connection, scope, options=options, now_ms=wall_clock_ms())
         key = self._route(scope, connection) if key is None else key
         wait = self.request_timeout if timeout is None else timeout
-        reply: Reply = decode_reply(self.link.request(encode_command(command), wait, key))
+        reply: Reply = decode_reply(self.link.request(body, wait, key))
         if not reply.ok:
             status = reply.result.get("status") if isinstance(reply.result, Mapping) else None
             if status == "not_registered":
@@ -140,17 +167,32 @@ class Brama:
         options: Mapping[str, Any] | None = None,
         wait: bool = False,
     ) -> Applied | None:
-        if connection is not None:
-            check_names(scope, connection)
-        command = make_command(
-            op,
-            connection,
-            scope,
-            reason=reason,
-            options=dict(options or {}),
-            now_ms=wall_clock_ms(),
+        """Validate, encode (no pydantic model on the way out, see ``command_body``) and
+        send: without ``wait`` the call returns once the broker confirmed the command,
+        or at once while the broker is away (buffered, see ``buffer_size``)."""
+        body, ident = command_body(
+            op, connection, scope, reason, options, now_ms=wall_clock_ms()
         )
-        return self._send(command, wait)
+        key = self._route(scope, connection)
+        if wait:
+            return self._applied(body, key)
+        self._post(body, key, ident)
+        return None
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every command sent without ``wait`` is confirmed by the broker
+        (they are buffered while it is away); False if some are still waiting."""
+        link: Any = self._link
+        if link is None or not hasattr(link, "flush"):
+            return True
+        return bool(link.flush(timeout))
+
+    def pending(self) -> int:
+        """Commands sent without ``wait`` that the broker has not confirmed yet."""
+        link: Any = self._link
+        if link is None or not hasattr(link, "pending"):
+            return 0
+        return int(link.pending())
 
     # ------------------------------------------------------------------ commands
     def register(
@@ -358,6 +400,24 @@ class Brama:
 
     def __exit__(self, *exc: object) -> None:
         self.disconnect()
+
+
+_CLIENTS: weakref.WeakSet[Brama] = weakref.WeakSet()
+#: Links of a parent process, inherited by fork: kept referenced, never used or closed.
+_INHERITED: list[Any] = []
+
+
+def _after_fork() -> None:
+    # The parent's link (socket, I/O thread) is not this process's: the next command
+    # opens a new one. Closing it here would talk on the parent's connection.
+    for client in list(_CLIENTS):
+        if client._link is not None:
+            _INHERITED.append(client._link)
+            client._link = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _check_options(options: Mapping[str, Any]) -> None:

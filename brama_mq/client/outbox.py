@@ -7,14 +7,17 @@ client and process:
 * :meth:`Outbox.put` appends a tuple to a deque and, only when the sender sleeps, wakes
   it: no lock, no I/O, no exception on the caller's path;
 * the sender thread takes what is queued (up to ``batch``). Successes go out at most
-  once per ``linger`` seconds (50 ms by default; the first after a quiet spell at once),
-  failures, probe outcomes and permit releases at once. It merges each run of lease-less
-  successes of one connection into one ``success`` command with ``options.count``
-  (:func:`coalesce`: the owner applies it as that many successes), and publishes the
-  batch pipelined, with one wait for the broker's confirms (through the link's
-  ``send_many`` when it has one). On a transport error the batch stays at the head and
-  is sent again after a pause (exponential, capped at 5 s): reports are delivered at
-  least once, and in order per connection, once the broker is back;
+  once per ``linger`` seconds (100 ms by default; the first after a quiet spell at
+  once), failures, probe outcomes and permit releases at once. It merges each run of
+  lease-less successes of one connection into one ``success`` command with
+  ``options.count`` (:func:`coalesce`, straight from the queued tuples: the owner
+  applies it as that many successes), and posts the batch to the client's link
+  (``post_many``): one write, no wait; the link keeps every command until the broker
+  confirmed it and republishes after a reconnect (links without ``post_many``: one
+  ``send_many`` with one wait for the confirms). When the link refuses (its buffer is
+  full while the broker is away) or fails, the batch stays at the head and is sent
+  again after a pause (exponential, capped at 5 s): reports are delivered at least
+  once, and in order per connection, once the broker is back;
 * at most ``max_size`` reports wait (plus the batch in flight); when the outbox is full
   a new report is dropped, counted in ``stats()["dropped"]`` and logged (at most one
   WARNING line every 10 s).
@@ -37,6 +40,7 @@ import time
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from time import time_ns
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
@@ -53,11 +57,11 @@ log = logging.getLogger("brama_mq.outbox")
 DEFAULT_OUTBOX_SIZE: Final = 10_000
 DEFAULT_BATCH: Final = 500
 #: Successes go out at most once per this many seconds (a report after a quiet spell goes
-#: at once): under load one confirmed publish then covers many of them. Each batch costs
-#: the sender ~0.3-1 ms of CPU here, mostly the kernel's loopback TCP work, so batching
-#: is what keeps guarded tasks as fast as unguarded ones. Failures, probe outcomes and
-#: permit releases never wait.
-DEFAULT_LINGER_S: Final = 0.05
+#: at once): under load one publish then covers many of them. Each batch costs the
+#: worker's process a wake-up of the sender, a write and later the confirm (the kernel's
+#: loopback TCP work is most of it), so the number of batches, not of reports, is what
+#: a guarded worker pays for. Failures, probe outcomes and permit releases never wait.
+DEFAULT_LINGER_S: Final = 0.1
 RELEASE: Final = "release_probe"
 #: A failure reason longer than this is cut (the command size limit is 64 KiB).
 MAX_REASON: Final = 1000
@@ -79,34 +83,43 @@ class Report(NamedTuple):
     times: int = 1
 
 
-def coalesce(reports: list[Report]) -> list[Report]:
+def coalesce(reports: Sequence[tuple[Any, ...]]) -> list[Report]:
     """Merge each run of lease-less successes of one connection into one report with
     ``count``, keeping every connection's order of outcomes (a failure, a probe's
     outcome or a permit release ends the run). The owner applies ``count`` successes
-    exactly as that many single ones (one ``success`` event, with ``data.count``)."""
-    out: list[Report] = []
-    extra: dict[int, tuple[int, int]] = {}  # index in out -> (successes added, last ts)
+    exactly as that many single ones (one ``success`` event, with ``data.count``).
+
+    Takes :class:`Report`\\ s or the outbox's raw tuples (``times`` missing: 1): the
+    sender merges the queue's tuples directly, so a success costs it a dict lookup,
+    not an object; only the merged reports are built.
+    """
+    heads: list[tuple[Any, ...]] = []
+    times: list[int] = []
+    last_ts: list[int] = []
     runs: dict[tuple[str, str | None], int] = {}
     for r in reports:
-        key = (r.connection, r.scope)
-        if r.op == "success" and r.lease is None:
+        n = r[6] if len(r) > 6 else 1
+        if r[0] == "success" and r[4] is None:
+            key = (r[1], r[2])
             at = runs.get(key)
-            if at is None:
-                runs[key] = len(out)
-                out.append(r)
-            else:
-                added, _ = extra.get(at, (0, 0))
-                extra[at] = (added + r.times, r.ts_ns)
+            if at is not None:
+                times[at] += n
+                last_ts[at] = r[5]
+                continue
+            runs[key] = len(heads)
         else:
-            runs.pop(key, None)
-            out.append(r)
-    for at, (added, ts_ns) in extra.items():
-        first = out[at]
-        out[at] = first._replace(ts_ns=ts_ns, times=first.times + added)
-    return out
+            runs.pop((r[1], r[2]), None)
+        heads.append(r)
+        times.append(n)
+        last_ts.append(r[5])
+    return [
+        Report(h[0], h[1], h[2], h[3], h[4], last_ts[i], times[i]) for i, h in enumerate(heads)
+    ]
 
 
 _quote: Final = json.encoder.encode_basestring_ascii
+#: A queued report as put() appends it: (op, connection, scope, reason, lease, ts_ns).
+_Raw = tuple[str, str, str | None, str | None, str | None, int]
 
 
 class Outbox:
@@ -127,8 +140,8 @@ class Outbox:
         self.batch = batch
         self.linger = linger
         self.pid = os.getpid()
-        self._queue: deque[tuple[str, str, str | None, str | None, str | None, int]] = deque()
-        self._inflight: list[Report] = []
+        self._queue: deque[_Raw] = deque()
+        self._inflight: list[_Raw] = []
         self._wake = threading.Event()
         self._idle = False
         self._holding = False
@@ -187,8 +200,11 @@ class Outbox:
             )
 
     def pending(self) -> int:
-        """Reports not yet confirmed by the broker (waiting plus in flight)."""
-        return len(self._queue) + len(self._inflight)
+        """Reports not yet confirmed by the broker: waiting here, in flight, and in the
+        client link's buffer (which also holds the client's own unconfirmed commands)."""
+        link: Any = self.client._link
+        in_link = link.pending() if link is not None and hasattr(link, "pending") else 0
+        return len(self._queue) + len(self._inflight) + int(in_link)
 
     def stats(self) -> dict[str, int]:
         """sent, dropped, retries, released, release_failures, pending."""
@@ -206,15 +222,19 @@ class Outbox:
                 thread.start()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything queued so far is sent (or ``timeout``); True if empty."""
+        """Wait until everything queued so far is confirmed by the broker (or
+        ``timeout``); True if nothing is left."""
         deadline = time.monotonic() + timeout
-        while self.pending():
+        while self._queue or self._inflight:
             if self._thread is None or not self._thread.is_alive():
                 return False
             self._wake.set()
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
+        link: Any = self.client._link
+        if link is not None and self.pid == os.getpid() and hasattr(link, "flush"):
+            return bool(link.flush(max(0.0, deadline - time.monotonic())))
         return True
 
     def close(self, timeout: float = 5.0) -> None:
@@ -228,11 +248,14 @@ class Outbox:
             thread.join(timeout)
 
     # ------------------------------------------------------------------ sender side
-    def _take(self, out: list[Report] | None = None) -> list[Report]:
+    def _take(self, out: list[_Raw] | None = None) -> list[_Raw]:
         queue = self._queue
         out = [] if out is None else out
-        while queue and len(out) < self.batch:
-            out.append(Report(*queue.popleft()))
+        room = self.batch - len(out)
+        popleft = queue.popleft
+        while queue and room > 0:  # popleft per item: put() may append meanwhile
+            out.append(popleft())
+            room -= 1
         return out
 
     def _run(self) -> None:
@@ -300,31 +323,39 @@ class Outbox:
         self._holding = True
         try:
             self._take(inflight)  # what arrived before the flag was up
-            if not any(r.op != "success" or r.lease is not None for r in inflight):
+            if not any(r[0] != "success" or r[4] is not None for r in inflight):
                 self._wake.wait(wait)
         finally:
             self._holding = False
         self._take(inflight)
 
-    def _send(self, reports: list[Report]) -> None:
+    def _send(self, reports: list[_Raw]) -> None:
+        """Hand the batch to the client link: posted (the link keeps every command until
+        the broker confirmed it, republishing after a reconnect) where the link can,
+        else sent with one wait for the confirms. Permit releases are RPCs."""
         client = self.client
         bodies: list[tuple[bytes, str]] = []
         releases: list[Report] = []
-        for r in coalesce(reports):
+        merged = coalesce(reports)
+        for r in merged:
             if r.op == RELEASE:
                 releases.append(r)
                 continue
             bodies.append((self.encode(r), client._route(r.scope, r.connection)))
         if bodies:
             link: Any = client.link
-            send_many = getattr(link, "send_many", None)
-            if send_many is not None:
-                send_many(bodies)
+            post_many = getattr(link, "post_many", None)
+            if post_many is not None:
+                post_many(bodies)
             else:
-                for body, key in bodies:
-                    link.send(body, key)
+                send_many = getattr(link, "send_many", None)
+                if send_many is not None:
+                    send_many(bodies)
+                else:
+                    for body, key in bodies:
+                        link.send(body, key)
             self.counters["sent"] += len(bodies)
-            self.counters["reports_sent"] += sum(r.times for r in reports if r.op != RELEASE)
+            self.counters["reports_sent"] += sum(r.times for r in merged if r.op != RELEASE)
         for r in releases:
             try:
                 if r.lease is not None:
@@ -333,7 +364,6 @@ class Outbox:
             except BramaError as exc:
                 self.counters["release_failures"] += 1
                 log.info("brama outbox: giving back probe permit %s failed (%s)", r.lease, exc)
-
 
     def encode(self, r: Report) -> bytes:
         """The command of a report as the protocol's JSON (``v``, ``op``, ``connection``,

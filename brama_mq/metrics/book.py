@@ -1,8 +1,12 @@
-"""What the metrics exporters keep between scrapes: each circuit's state and count."""
+"""What the owner-metrics exporters keep between scrapes.
+
+Written only by the owner's loop thread (through telemetry handlers), read by scrapes in
+other threads. Writes are plain dict operations, so a handler costs about a dict update;
+readers copy with ``list(d.items())`` / ``dict(d)``, each one atomic under the GIL.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -14,49 +18,61 @@ __all__ = ["ACTIVE_WINDOW_S", "STATES", "CircuitBook"]
 STATES = (CLOSED, OPEN, HALF_OPEN)
 #: An owner counts as active while it received a delivery this recently. Under
 #: single-active-consumer only the active owner gets deliveries; the owner probe
-#: (:class:`~brama_mq.metrics.prometheus.OwnerProbe`) sends one every 10 s so an idle
-#: active owner still gets some.
+#: (:class:`~brama_mq.metrics.probe.OwnerProbe`) sends one every 10 s so an idle active
+#: owner still gets some.
 ACTIVE_WINDOW_S = 30.0
-_REMOVED = ("connection_removed",)
 
 
 class CircuitBook:
-    """Circuits seen in the owner's events (seeded from its engine at start)."""
+    """Circuit states (seeded from the engine at start, then following the events) and
+    cumulative counts of events, commands and dead letters."""
 
     def __init__(self, active_window: float = ACTIVE_WINDOW_S) -> None:
-        self._lock = threading.Lock()
         self.circuits: dict[tuple[str, str], tuple[str, int]] = {}
+        self.events: dict[str, int] = {}
+        self.commands: dict[tuple[str, str], int] = {}
+        self.dead_letters: dict[str, int] = {}
         self.active_window = active_window
         self.last_delivery: float | None = None
         self.running = False
 
     @staticmethod
     def scope_label(scope: str | None) -> str:
-        """Prometheus label of a scope: unscoped connections have scope ``""``."""
+        """Label of a scope: unscoped connections have scope ``""``."""
         return "" if scope is None else scope
 
     def seed(self, rows: list[Mapping[str, Any]]) -> None:
         """Take every connection's state from an engine's ``statuses()``."""
-        with self._lock:
-            for row in rows:
-                key = (self.scope_label(row.get("scope")), str(row["connection"]))
-                self.circuits[key] = (str(row["state"]), int(row.get("failure_count") or 0))
+        for row in rows:
+            key = (self.scope_label(row.get("scope")), str(row["connection"]))
+            self.circuits[key] = (str(row["state"]), int(row.get("failure_count") or 0))
 
     def apply(self, event: Any) -> None:
-        """Follow one event (its ``data`` carries the current state and failure count)."""
-        key = (self.scope_label(event.scope), event.connection)
-        with self._lock:
-            if event.event in _REMOVED:
-                self.circuits.pop(key, None)
-                return
-            data = event.data
-            state = data.get("state") or data.get("new_state")
-            if state is None:
-                return
-            self.circuits[key] = (str(state), int(data.get("failure_count") or 0))
+        """Count one event and follow it (its ``data`` has the state and failure count)."""
+        name = event.event
+        events = self.events
+        events[name] = events.get(name, 0) + 1
+        scope = event.scope
+        key = ("" if scope is None else scope, event.connection)
+        if name == "connection_removed":
+            self.circuits.pop(key, None)
+            return
+        data = event.data
+        state = data.get("state") or data.get("new_state")
+        if state is not None:
+            self.circuits[key] = (state, data.get("failure_count") or 0)
 
-    def saw_deliveries(self) -> None:
+    def count_commands(self, ops: Mapping[tuple[str, str], int]) -> None:
+        commands = self.commands
+        for key, n in ops.items():
+            commands[key] = commands.get(key, 0) + n
         self.last_delivery = time.monotonic()
+
+    def count_dead_letter(self, reason: str) -> None:
+        self.dead_letters[reason] = self.dead_letters.get(reason, 0) + 1
+        if reason == "decode":  # never reached the engine: its op is unknown
+            key = ("invalid", "decode")
+            self.commands[key] = self.commands.get(key, 0) + 1
 
     @property
     def active(self) -> bool:
@@ -66,5 +82,5 @@ class CircuitBook:
 
     def rows(self) -> list[tuple[str, str, str, int]]:
         """``(scope, connection, state, failure_count)`` for every circuit."""
-        with self._lock:
-            return [(s, c, state, n) for (s, c), (state, n) in sorted(self.circuits.items())]
+        items = list(self.circuits.items())
+        return [(s, c, state, int(n)) for (s, c), (state, n) in sorted(items)]

@@ -10,20 +10,24 @@ whatever reader/exporter the application configured on its ``MeterProvider``::
 
     from brama_mq.metrics.otel import OtelOwnerMetrics
     OtelOwnerMetrics().attach()          # the global meter provider
+
+``brama_owner_active`` relies on deliveries reaching the active owner; in an idle
+deployment start :class:`~brama_mq.metrics.probe.OwnerProbe` beside it (the
+Prometheus endpoint of ``brama-mq worker --metrics-port`` does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
-from brama_mq import telemetry
-from brama_mq.metrics.book import STATES, CircuitBook
+from brama_mq.metrics.book import STATES
+from brama_mq.metrics.sink import OwnerSink
 
 __all__ = ["OtelOwnerMetrics"]
 
 
-class OtelOwnerMetrics:
+class OtelOwnerMetrics(OwnerSink):
     """Instruments on a meter of ``meter_provider`` (default: the global one)."""
 
     def __init__(self, meter_provider: Any = None, *,
@@ -37,31 +41,39 @@ class OtelOwnerMetrics:
             ) from exc
         from brama_mq import __version__
 
-        self._observation = Observation
+        super().__init__()
         self.handler_id = handler_id
-        self.book = CircuitBook()
         meter = metrics.get_meter("brama_mq", __version__, meter_provider=meter_provider)
-        self.events = meter.create_counter("brama_events", description="Events published")
-        self.commands = meter.create_counter("brama_commands", description="Commands consumed")
-        self.dead_letters = meter.create_counter("brama_dead_letters",
-                                                 description="Commands dead-lettered")
         self.confirm_latency = meter.create_histogram(
             "brama_confirm_latency", unit="s",
             description="From publishing a batch's critical events to acking the batch",
         )
+        book = self.book
 
         def states(_: CallbackOptions) -> Iterable[Observation]:
-            for scope, connection, current, _count in self.book.rows():
+            for scope, connection, current, _count in book.rows():
                 for name in STATES:
                     yield Observation(1 if name == current else 0,
                                       {"scope": scope, "connection": connection, "state": name})
 
         def failures(_: CallbackOptions) -> Iterable[Observation]:
-            for scope, connection, _state, count in self.book.rows():
+            for scope, connection, _state, count in book.rows():
                 yield Observation(count, {"scope": scope, "connection": connection})
 
         def active(_: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(1 if self.book.active else 0)
+            yield Observation(1 if book.active else 0)
+
+        def events(_: CallbackOptions) -> Iterable[Observation]:
+            for name, n in dict(book.events).items():
+                yield Observation(n, {"event": name})
+
+        def commands(_: CallbackOptions) -> Iterable[Observation]:
+            for (op, result), n in dict(book.commands).items():
+                yield Observation(n, {"op": op, "result": result})
+
+        def dead_letters(_: CallbackOptions) -> Iterable[Observation]:
+            for reason, n in dict(book.dead_letters).items():
+                yield Observation(n, {"reason": reason})
 
         meter.create_observable_gauge("brama_circuit_state", [states],
                                       description="1 for the current state, 0 for the others")
@@ -69,34 +81,38 @@ class OtelOwnerMetrics:
                                       description="The connection's failure count")
         meter.create_observable_gauge("brama_owner_active", [active],
                                       description="1 on the active owner, 0 on standbys")
+        meter.create_observable_counter("brama_events", [events],
+                                        description="Events published")
+        meter.create_observable_counter("brama_commands", [commands],
+                                        description="Commands consumed")
+        meter.create_observable_counter("brama_dead_letters", [dead_letters],
+                                        description="Commands dead-lettered")
 
     def attach(self) -> OtelOwnerMetrics:
-        telemetry.attach(self.handler_id, telemetry.EVENTS, self.handle)
+        super().attach()
         return self
 
-    def detach(self) -> None:
-        telemetry.detach(self.handler_id)
+    def observe_confirm(self, seconds: float) -> None:
+        self.confirm_latency.record(seconds)
 
-    def handle(self, name: telemetry.EventName, measurements: Mapping[str, Any],
-               metadata: Mapping[str, Any]) -> None:
-        kind = name[-1]
-        if kind == "event":
-            event = metadata["event"]
-            self.events.add(1, {"event": event.event})
-            self.book.apply(event)
-        elif kind == "batch":
-            self.book.saw_deliveries()
-            for (op, result), n in metadata["ops"].items():
-                self.commands.add(n, {"op": op, "result": result})
-        elif kind == "dead_letter":
-            reason = metadata["reason"]
-            self.dead_letters.add(1, {"reason": reason})
-            if reason == "decode":
-                self.commands.add(1, {"op": "invalid", "result": "decode"})
-        elif kind == "confirm":
-            self.confirm_latency.record(measurements["duration"])
-        elif kind == "start":
-            self.book.seed(metadata["owner"].engine.statuses())
-            self.book.running = True
-        elif kind == "stop":
-            self.book.running = False
+
+class OtelAttachment:
+    """What :func:`attach_to_owner` started; ``close()`` detaches it."""
+
+    def __init__(self, metrics: OtelOwnerMetrics, probe: Any) -> None:
+        self.metrics = metrics
+        self.probe = probe
+
+    def close(self) -> None:
+        if self.probe is not None:
+            self.probe.stop()
+        self.metrics.detach()
+
+
+def attach_to_owner(owner: Any, meter_provider: Any = None, *,
+                    probe: bool = True) -> OtelAttachment:
+    """``brama-mq worker --otel``: the meter, attached, plus the owner activity probe."""
+    from brama_mq.metrics.probe import OwnerProbe
+
+    metrics = OtelOwnerMetrics(meter_provider).attach()
+    return OtelAttachment(metrics, OwnerProbe(owner).start() if probe else None)

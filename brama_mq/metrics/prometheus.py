@@ -19,12 +19,12 @@ Fed by :mod:`brama_mq.telemetry` handlers; the gauges are computed at scrape tim
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
-from brama_mq import telemetry
 from brama_mq.metrics.book import STATES, CircuitBook
+from brama_mq.metrics.probe import OwnerProbe
+from brama_mq.metrics.sink import OwnerSink
 
 __all__ = ["OwnerMetrics", "OwnerProbe", "serve_owner_metrics"]
 
@@ -43,14 +43,15 @@ def _require_prometheus() -> None:
 
 
 class _BookCollector:
-    """Circuit states, failure counts and ``brama_owner_active``, read at scrape time."""
+    """Everything but the histogram, read from the book at scrape time."""
 
     def __init__(self, book: CircuitBook) -> None:
         self.book = book
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        book = self.book
         state = GaugeMetricFamily(
             "brama_circuit_state", "1 for the circuit's current state, 0 for the others",
             labels=["scope", "connection", "state"],
@@ -59,36 +60,42 @@ class _BookCollector:
             "brama_failure_count", "The connection's failure count",
             labels=["scope", "connection"],
         )
-        for scope, connection, current, count in self.book.rows():
+        for scope, connection, current, count in book.rows():
             for name in STATES:
                 state.add_metric([scope, connection, name], 1.0 if name == current else 0.0)
             failures.add_metric([scope, connection], float(count))
         active = GaugeMetricFamily(
             "brama_owner_active", "1 on the active owner (it receives commands), 0 on standbys"
         )
-        active.add_metric([], 1.0 if self.book.active else 0.0)
-        yield state
-        yield failures
-        yield active
+        active.add_metric([], 1.0 if book.active else 0.0)
+        events = CounterMetricFamily("brama_events", "Events the owner published, by type",
+                                     labels=["event"])
+        for name, n in sorted(dict(book.events).items()):
+            events.add_metric([name], float(n))
+        commands = CounterMetricFamily(
+            "brama_commands", "Commands the owner consumed, by op and result",
+            labels=["op", "result"],
+        )
+        for (op, result), n in sorted(dict(book.commands).items()):
+            commands.add_metric([op, result], float(n))
+        dead = CounterMetricFamily("brama_dead_letters", "Commands dead-lettered, by reason",
+                                   labels=["reason"])
+        for reason, n in sorted(dict(book.dead_letters).items()):
+            dead.add_metric([reason], float(n))
+        yield from (state, failures, active, events, commands, dead)
 
 
-class OwnerMetrics:
+class OwnerMetrics(OwnerSink):
     """The owner's metrics in a registry of their own, fed by telemetry while attached."""
 
     def __init__(self, registry: Any = None, *, handler_id: str = "brama-prometheus") -> None:
         _require_prometheus()
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Histogram
 
+        super().__init__()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.handler_id = handler_id
-        self.book = CircuitBook()
         self.registry.register(_BookCollector(self.book))
-        self.events = Counter("brama_events", "Events the owner published, by type",
-                              ["event"], registry=self.registry)
-        self.commands = Counter("brama_commands", "Commands the owner consumed, by op and result",
-                                ["op", "result"], registry=self.registry)
-        self.dead_letters = Counter("brama_dead_letters", "Commands dead-lettered, by reason",
-                                    ["reason"], registry=self.registry)
         self.confirm_latency = Histogram(
             "brama_confirm_latency_seconds",
             "From publishing a batch's critical events to acking the batch",
@@ -96,82 +103,11 @@ class OwnerMetrics:
         )
 
     def attach(self) -> OwnerMetrics:
-        telemetry.attach(self.handler_id, telemetry.EVENTS, self.handle)
+        super().attach()
         return self
 
-    def detach(self) -> None:
-        telemetry.detach(self.handler_id)
-
-    def handle(self, name: telemetry.EventName, measurements: Mapping[str, Any],
-               metadata: Mapping[str, Any]) -> None:
-        kind = name[-1]
-        if kind == "event":
-            event = metadata["event"]
-            self.events.labels(event.event).inc()
-            self.book.apply(event)
-        elif kind == "batch":
-            self.book.saw_deliveries()
-            for (op, result), n in metadata["ops"].items():
-                self.commands.labels(op, result).inc(n)
-        elif kind == "dead_letter":
-            reason = metadata["reason"]
-            self.dead_letters.labels(reason).inc()
-            if reason == "decode":  # never reached the engine: its op is unknown
-                self.commands.labels("invalid", "decode").inc()
-        elif kind == "confirm":
-            self.confirm_latency.observe(measurements["duration"])
-        elif kind == "start":
-            self.book.seed(metadata["owner"].engine.statuses())
-            self.book.running = True
-        elif kind == "stop":
-            self.book.running = False
-
-
-class OwnerProbe:
-    """Sends the owner's queue a reply-less ``snapshot`` query every ``interval`` s.
-
-    Single-active-consumer gives deliveries only to the active owner, and an idle active
-    owner gets none; this trickle (answered by nobody, since it asks for no reply)
-    lets the active one notice it is active. A standby's probe reaches the active owner.
-    """
-
-    def __init__(self, owner: Any, interval: float = 10.0) -> None:
-        self.owner = owner
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="brama-owner-probe", daemon=True)
-
-    def start(self) -> OwnerProbe:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        from brama_mq.owner.service import wall_clock_ms
-        from brama_mq.protocol import encode_command, make_command
-
-        owner = self.owner
-        if not owner.ready.wait(60):
-            return
-        key = owner.transport.topology.owner_key(owner.shard)
-        link = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    if link is None:
-                        link = owner.transport.client_link()
-                    body = encode_command(make_command("snapshot", None, None,
-                                                       now_ms=wall_clock_ms()))
-                    link.send(body, key)
-                except Exception as exc:
-                    log.debug("owner probe: %s", exc)
-                self._stop.wait(self.interval)
-        finally:
-            if link is not None:
-                link.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def observe_confirm(self, seconds: float) -> None:
+        self.confirm_latency.observe(seconds)
 
 
 class MetricsServer:

@@ -31,8 +31,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from brama_mq import telemetry
@@ -68,6 +69,7 @@ _T_BATCH = ("brama", "owner", "batch")
 _T_EVENT = ("brama", "owner", "event")
 _T_CONFIRM = ("brama", "owner", "confirm")
 _T_DEAD = ("brama", "owner", "dead_letter")
+_ONE: Mapping[str, int] = MappingProxyType({"count": 1})
 
 
 def wall_clock_ms() -> int:
@@ -670,8 +672,9 @@ class Owner:
         if self.on_events is not None:
             self.on_events(events)
         if telemetry.enabled:
+            shard = self.shard
             for event in events:
-                telemetry.execute(_T_EVENT, {"count": 1}, {"event": event, "shard": self.shard})
+                telemetry.execute(_T_EVENT, _ONE, {"event": event, "shard": shard})
         return critical
 
     # ------------------------------------------------------------------ telemetry

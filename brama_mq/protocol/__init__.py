@@ -4,6 +4,7 @@ from brama_mq.protocol.codec import (
     CONTENT_TYPE,
     MAX_BYTES,
     MAX_DEPTH,
+    command_body,
     decode_command,
     decode_event,
     decode_reply,
@@ -11,6 +12,7 @@ from brama_mq.protocol.codec import (
     encode_event,
     encode_reply,
     make_command,
+    new_command_id,
 )
 from brama_mq.protocol.models import (
     COMMAND_OPS,
@@ -35,6 +37,7 @@ __all__ = [
     "Event",
     "Op",
     "Reply",
+    "command_body",
     "decode_command",
     "decode_event",
     "decode_reply",
@@ -42,4 +45,5 @@ __all__ = [
     "encode_event",
     "encode_reply",
     "make_command",
+    "new_command_id",
 ]

@@ -8,7 +8,9 @@ Event encoding skips pydantic entirely: the owner encodes every event it publish
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
@@ -32,6 +34,7 @@ __all__ = [
     "CONTENT_TYPE",
     "MAX_BYTES",
     "MAX_DEPTH",
+    "command_body",
     "decode_command",
     "decode_event",
     "decode_reply",
@@ -39,6 +42,7 @@ __all__ = [
     "encode_event",
     "encode_reply",
     "make_command",
+    "new_command_id",
 ]
 
 CONTENT_TYPE: Final = "application/json"
@@ -473,3 +477,81 @@ def make_command(
         },
         "command",
     )
+
+
+_NONE_TYPE: Final = type(None)
+
+
+class _CommandIds:
+    """Command ids without a uuid4 per command: a random prefix per process, then a
+    counter (unique while the prefix is; a forked child draws a new prefix)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = uuid.uuid4().hex[:20] + "-"
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_IDS: Final = _CommandIds()
+new_command_id: Final = _IDS.next
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_IDS.reset)
+
+
+def command_body(
+    op: str,
+    connection: str | None,
+    scope: str | None = None,
+    reason: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    now_ms: int,
+    id: str | None = None,
+) -> tuple[bytes, str]:
+    """``(encode_command(make_command(...)), id)`` without building the pydantic model.
+
+    The client's send path. Names are checked first (:class:`InvalidNameError`, as
+    ``check_names``); then, for the usual arguments (``op`` a command or query op,
+    ``reason`` a str or None, ``options`` a dict with str keys) this only encodes, in
+    the model's field order; anything else, or anything the encoder refuses, goes
+    through :func:`make_command`, so errors are the same. A test pins that both give
+    the same JSON. ``id`` defaults to :func:`new_command_id`.
+    """
+    if connection is not None:
+        check_names(scope, connection)
+    else:
+        encode_scope(scope)
+    ident = new_command_id() if id is None else id
+    if (
+        op in _ALL_OPS
+        and type(reason) in (str, _NONE_TYPE)
+        and type(now_ms) is int
+        and now_ms >= 0
+        and ident
+        and (connection is not None or op in CONNECTION_OPTIONAL_OPS)
+    ):
+        opts: Any = {} if options is None else options
+        if type(opts) is dict and all(type(k) is str for k in opts):
+            try:
+                text = _encode(
+                    {
+                        "v": PROTOCOL_VERSION,
+                        "op": op,
+                        "scope": scope,
+                        "connection": connection,
+                        "id": ident,
+                        "ts": now_ms,
+                        "reason": reason,
+                        "options": opts,
+                    }
+                )
+                return text.encode("utf-8"), ident
+            except (TypeError, ValueError, RecursionError):
+                pass  # make_command / encode_command say what is wrong
+    cmd = make_command(op, connection, scope, reason, options, now_ms=now_ms, id=ident)
+    return encode_command(cmd), ident

@@ -313,14 +313,17 @@ class Subscription:
 
     def stats(self) -> dict[str, int]:
         """Counters: received, handled, duplicates, dropped (+ dropped_buffer, dropped_queue),
-        errors, retries, dead_lettered, failed, invalid, buffered."""
+        errors, retries, dead_lettered, failed, invalid, buffered, and reconnects (of the
+        connection it receives through, shared by a process's transient subscriptions)."""
         out = dict(self._counts)
+        pump = self._source_pump()
         out.update(
             received=self._inbox.received,
             dropped=self.dropped,
             dropped_buffer=self._inbox.dropped,
             dropped_queue=self.queue_dropped,
             buffered=len(self._inbox),
+            reconnects=pump.source.stats().get("reconnects", 0) if pump is not None else 0,
         )
         return out
 

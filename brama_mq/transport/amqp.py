@@ -21,9 +21,15 @@ Design points, each learned the hard way:
 
 from __future__ import annotations
 
+import _socket
+import atexit
 import contextlib
+import dataclasses
 import errno
+import functools
+import itertools
 import logging
+import os
 import random
 import select
 import socket
@@ -31,6 +37,7 @@ import struct
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -38,13 +45,14 @@ from typing import Any, TypeVar
 import amqp.exceptions as amqp_exc
 from amqp import spec
 from amqp.basic_message import Message
-from amqp.exceptions import MessageNacked
+from amqp.exceptions import MessageNacked, PreconditionFailed
 from kombu.connection import Connection as _KombuConnection
 
 from brama_mq.errors import (
     BramaError,
     BrokerUnavailableError,
     ConfirmError,
+    OutboxFullError,
     RequestTimeoutError,
     ShardMismatchError,
     TransportError,
@@ -1359,7 +1367,9 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
     def _setup(self, conn: Any) -> None:
         # Only its own queues: the shared topology is checked passively (a subscriber's
         # permissions need not cover the owner's queues).
-        ch = self._t._declare_shared(conn, [(self._t.topology.events_exchange, "topic")], [])
+        ch = self._t._declare_shared(
+            conn, [(self._t.topology.events_exchange, "topic")], [], owner_side=False
+        )
         if self._dead_queue is not None:
             ch.queue_declare(self._dead_queue, durable=True, auto_delete=False)
             self._t._note("queue", self._dead_queue)
@@ -1386,12 +1396,15 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         )
         self._channel = ch
         self._partial = None
-        self._reader = reader = _install_reader(conn)
+        # Only on a native socket: gevent's and eventlet's wait inside recv(MSG_DONTWAIT)
+        # instead of failing with EAGAIN, which would stall this source's waits.
+        native = isinstance(getattr(conn.transport, "sock", None), _socket.socket)
+        self._reader = reader = _install_reader(conn) if native else None
         if reader is not None and _OWN_DELIVER:
             # Every read, py-amqp's own waits (bind-ok, confirms) included, passes the
             # consume channel's deliveries to _on_deliver_frame: none is half-read by both.
             self._consume_id = ch.channel_id
-            conn.transport.read_frame = self._read_frame
+            conn.transport.read_frame = functools.partial(self._read_frame, reader, conn)
         else:
             self._consume_id = -1
         if self._dead_queue is not None:
@@ -1514,13 +1527,13 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
             with contextlib.suppress(OSError):
                 sock.settimeout(previous)
 
-    def _read_frame(self, *args: Any) -> tuple[int, int, bytes]:
-        """``transport.read_frame`` for py-amqp's own waits: the next frame that is not
-        part of a delivery on the consume channel (those go to :meth:`_on_deliver_frame`)."""
-        reader = self._reader
-        conn = self._conn
-        if reader is None or conn is None:
-            raise OSError("event source connection lost")
+    def _read_frame(self, reader: _FrameReader, conn: Any, *args: Any) -> tuple[int, int, bytes]:
+        """``transport.read_frame`` of ``conn`` for py-amqp's own waits: the next frame
+        that is not part of a delivery on the consume channel (those go to
+        :meth:`_on_deliver_frame`). Bound to its connection's reader, so a late read on a
+        replaced connection never touches the new one."""
+        if reader is not self._reader:  # a dead connection being closed: plain frames
+            return reader.read_frame(*args)
         while True:
             frame = reader.read_frame(*args)
             if frame[1] == self._consume_id and (
@@ -1722,36 +1735,74 @@ class _RpcSlot:
         self.body = b""
 
 
+#: Commands a client link keeps while the broker has not confirmed them (see
+#: :class:`AmqpClientLink`); ``BRAMA_CLIENT_BUFFER`` / ``Brama(buffer_size=...)``.
+DEFAULT_CLIENT_BUFFER = 10_000
+#: While nobody waits for a frame, a client link reads the confirms every this many
+#: seconds instead of waking up for each (one wake-up per command, at 500 commands/s,
+#: was most of a client's CPU per command here).
+_IDLE_DRAIN = 0.1
+#: Seconds between two log lines about commands the broker returned as unroutable.
+_RETURN_LOG_INTERVAL = 10.0
+
+
 class AmqpClientLink(_AmqpLink):
     """Commands and RPC for clients; safe to share between threads.
 
-    Thread safety is a lock around every use of the connection. Threads waiting for a
-    confirm or a reply do not hold it while idle: they wait for the socket to become
-    readable, then take the lock and process whatever arrived, settling other threads'
-    confirms and replies too (so concurrent sends share round trips). When heartbeats
-    are on, a daemon thread keeps them going while the client is idle.
+    **Reading.** A caller waiting for a confirm or a reply reads the socket itself when
+    nobody else does (leader/followers, see :meth:`_wait_for`); the others sleep on one
+    Condition. **One I/O thread per link** reads confirms nobody waits for every
+    ``_IDLE_DRAIN`` s (not one wake-up per confirm), keeps heartbeats going and, when the
+    connection is lost, reconnects with backoff (capped at the transport's
+    ``max_backoff``) for as long as the link is open, then republishes every unconfirmed
+    command in order. Callers write under the lock: a command is framed here (no py-amqp
+    ``Message``, no per-publish read of incoming frames) and written at once.
+
+    **Buffer.** Every command stays in the link until the broker confirmed it: sent and
+    unconfirmed, or waiting for the broker to come back. :meth:`post` returns once the
+    command is written (``confirm=True``: once confirmed while connected) or, while the
+    broker is away, buffered; when ``max_buffer`` commands already wait it raises
+    :class:`~brama_mq.errors.OutboxFullError` and keeps nothing (while connected it waits
+    for confirms instead): a command is never dropped without the caller hearing of it.
+    :meth:`send` / :meth:`send_many` post and wait for the confirms; :meth:`flush` waits
+    for everything posted so far.
+
+    RPC requests go out on the same channel as commands (it consumes the direct
+    reply-to pseudo-queue), so a query sent after a command reaches the owner after it.
     """
 
     role = "client link"
-    _SLICE = 0.05
 
-    def __init__(self, transport: AmqpTransport) -> None:
-        self._lock = threading.RLock()
+    def __init__(self, transport: AmqpTransport, *, max_buffer: int | None = None) -> None:
+        self._lock = threading.Lock()  # not re-entrant: _wait_for releases it to select
+        self._cond = threading.Condition(self._lock)
         self._tracker = _ConfirmTracker()
         self._by_id: dict[str, _Pending] = {}
         self._rpc: dict[str, _RpcSlot] = {}
         self._confirm: Any = None
-        self._rpc_channel: Any = None
-        self._stats = {"sent": 0, "requests": 0, "republished": 0, "returned": 0}
-        with self._lock:
-            super().__init__(transport)
+        self._reader: _FrameReader | None = None
+        self._reading = False  # a waiting caller is reading the socket (see _wait_for)
+        self._exchange = transport.topology.commands_exchange
+        self._exchange_word = _shortstr(self._exchange) or b""
+        self.max_buffer = DEFAULT_CLIENT_BUFFER if max_buffer is None else max_buffer
+        self._ids = itertools.count(1)
+        self._id_prefix = uuid.uuid4().hex[:16] + "-"
+        self._last_return_log = 0.0
+        self._stats = {"sent": 0, "requests": 0, "republished": 0, "returned": 0, "refused": 0}
         self._stop = threading.Event()
-        self._keepalive: threading.Thread | None = None
-        if transport.heartbeat:
-            self._keepalive = threading.Thread(
-                target=self._keepalive_loop, name="brama-client-heartbeat", daemon=True
-            )
-            self._keepalive.start()
+        self.pid = os.getpid()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        try:
+            with self._lock:
+                super().__init__(transport)
+        except BaseException:
+            self._close_wake()
+            raise
+        self._io = threading.Thread(target=self._io_loop, name="brama-client-io", daemon=True)
+        self._io.start()
+        _CLIENT_LINKS.add(self)
 
     def _setup(self, conn: Any) -> None:
         topo = self._t.topology
@@ -1762,34 +1813,86 @@ class AmqpClientLink(_AmqpLink):
             [q for q, _ in topo.owner_queues()], record=True,
         )
         confirm.confirm_select()
-        confirm.events["basic_ack"].add(self._tracker.on_ack)
+        confirm.events["basic_ack"].add(self._on_ack)
         confirm.events["basic_nack"].add(self._tracker.on_nack)
-        confirm.events["basic_return"].add(self._on_send_return)
-        rpc = conn.channel()
-        rpc.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
-        rpc.events["basic_return"].add(self._on_rpc_return)
-        self._confirm, self._rpc_channel = confirm, rpc
-        for pending in self._tracker.restart():
-            self._tracker.register(pending)
-            confirm.basic_publish(
-                pending.message, pending.exchange, pending.routing_key, mandatory=True
-            )
-            self._stats["republished"] += 1
+        confirm.events["basic_return"].add(self._on_return)
+        confirm.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
+        self._confirm = confirm
+        # The buffered reader reads with MSG_DONTWAIT, which a cooperative socket (gevent's
+        # monkey-patching) turns into a wait: there, py-amqp reads as before.
+        sock = getattr(getattr(conn, "transport", None), "sock", None)
+        native = type(sock).__module__ == "socket"
+        self._reader = _install_reader(conn) if native else None
+        again = self._tracker.restart()
+        if again:
+            self._write(again)
+            self._stats["republished"] += len(again)
 
     def _on_lost(self) -> None:
-        self._confirm = self._rpc_channel = None
+        self._confirm = None
+        self._reader = None
+
+    def _drain_nowait(self, enough: Callable[[], bool]) -> None:
+        """Process frames already received, without waiting: through the buffered
+        reader (as the owner link), confirms of the command channel handled here
+        without py-amqp's dispatch, every other frame by py-amqp, in order."""
+        reader = self._reader
+        if reader is None:
+            super()._drain_nowait(enough)
+            return
+        conn = self._conn
+        on_frame = conn.on_inbound_frame
+        next_frame = reader.frame
+        confirm = self._confirm
+        pending: Any = getattr(confirm, "_pending", None)
+        confirm_id = confirm.channel_id if pending is not None else -1
+        on_ack = self._on_ack
+        while not enough():
+            frame = next_frame()
+            if frame is None:
+                if not reader.fill_nowait():
+                    return
+                continue
+            if (
+                frame[1] == confirm_id
+                and frame[0] == 1
+                and frame[2].startswith(_BASIC_ACK)
+                and not confirm.is_closing
+                and _BASIC_ACK_SIG not in pending
+            ):
+                conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
+                tag, bits = _ACK_ARGS.unpack_from(frame[2], 4)
+                on_ack(tag, bool(bits & 1))
+                continue
+            on_frame(frame)
 
     # -- callbacks (run inside drain_events, with the lock held) -----------------
-    def _on_send_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
-        self._stats["returned"] += 1
-        pending = self._by_id.get(message.properties.get("message_id", ""))
-        if pending is not None:
-            pending.returned = True
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        tracker = self._tracker
+        by_id = self._by_id
+        for p in tracker._settle(tag, multiple):
+            p.done = True
+            tracker.confirmed += 1
+            if p.event is not None:
+                by_id.pop(p.event.message_id, None)
 
-    def _on_rpc_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
-        slot = self._rpc.get(message.properties.get("correlation_id", ""))
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        props = message.properties
+        slot = self._rpc.get(props.get("correlation_id") or "")
         if slot is not None:
             slot.returned = True
+            return
+        self._stats["returned"] += 1
+        pending = self._by_id.get(props.get("message_id") or "")
+        if pending is not None:
+            pending.returned = True
+        now = time.monotonic()
+        if now - self._last_return_log >= _RETURN_LOG_INTERVAL:
+            self._last_return_log = now
+            log.warning(
+                "client link: a command to %r was returned unroutable: nothing is bound to "
+                "it on %r (%d returned so far)", routing_key, exchange, self._stats["returned"]
+            )
 
     def _on_reply(self, msg: Any) -> None:
         slot = self._rpc.get(msg.properties.get("correlation_id", ""))
@@ -1797,104 +1900,319 @@ class AmqpClientLink(_AmqpLink):
             slot.body = _as_bytes(msg.body)
             slot.done = True
 
-    # -- the shared wait loop ---------------------------------------------------
-    def _wait(self, deadline: float, done: Callable[[], bool], step: Callable[[], None]) -> None:
-        """Work the connection, in turns with other threads, until ``done()`` or the deadline.
+    # -- the I/O thread ---------------------------------------------------------------
+    def _connected(self) -> bool:
+        return self._conn is not None and self._lost is None and self._confirm is not None
 
-        Under the lock: reconnect if needed, ``step()`` (what this caller must (re)send,
-        e.g. after a reconnect), then process whatever arrived, which settles other
-        threads' confirms and replies as well. Between turns, wait for the socket to
-        become readable without holding the lock.
-        """
-        while True:
-            sock = None
-            if not self._lock.acquire(timeout=max(0.001, deadline - time.monotonic())):
-                if time.monotonic() >= deadline:
-                    return
-                continue
+    def _io_loop(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
             try:
-                if done():
-                    return
-                try:
-                    self._ensure()
-                    step()
-                    self._drain_nowait(done)
-                    self._tick()
-                except BramaError:
-                    raise
-                except RECOVERABLE_ERRORS as exc:
-                    self._recover(exc)  # step() sends again on the next turn
+                with self._lock:
+                    conn = self._conn if self._connected() else None
+                if conn is None:
+                    if self._reconnect():
+                        attempt = 0
+                    else:
+                        attempt += 1
+                        self._stop.wait(_backoff(attempt - 1, self._t.max_backoff))
                     continue
-                if done():
-                    return
-                sock = self._conn.sock
-            finally:
-                self._lock.release()
+                # Confirms nobody waits for are read in bulk every _IDLE_DRAIN s rather
+                # than one wake-up each (with nothing unconfirmed: only for heartbeats);
+                # a caller waiting for a frame reads the socket itself (see _wait_for),
+                # so this thread never competes with it.
+                idle = self._max_wait if not self._tracker.outstanding() else _IDLE_DRAIN
+                try:
+                    readable, _, _ = select.select(
+                        [self._wake_r], [], [], min(self._max_wait, idle)
+                    )
+                except (OSError, ValueError):
+                    readable = []
+                if readable:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                with self._lock:
+                    if self._closed or self._conn is not conn or self._lost is not None:
+                        continue
+                    try:
+                        if not self._reading:
+                            self._drain_nowait(lambda: False)
+                            self._republish_nacked()
+                        self._tick()
+                    except RECOVERABLE_ERRORS as exc:
+                        self._mark_lost(exc)
+                    self._cond.notify_all()
+            except Exception:  # the I/O thread must outlive any surprise
+                log.exception("client link: I/O thread error; reconnecting")
+                with self._lock:
+                    self._mark_lost(BrokerUnavailableError("I/O thread error"))
+                self._stop.wait(0.5)
+
+    def _mark_lost(self, exc: BaseException) -> None:
+        """Forget a dead connection (lock held); the I/O thread reconnects."""
+        if self._conn is None and self._lost is not None:
+            return
+        if not self._closed:
+            log.warning("%s lost its connection to %s (%s); reconnecting (%d commands kept)",
+                        self.role, self._t.masked_url, describe(exc, self._t.url),
+                        self._tracker.outstanding())
+            self._counters["reconnects"] += 1
+        self._connector.drop()
+        self._conn = None
+        self._lost = exc
+        self._on_lost()
+        self._cond.notify_all()
+
+    def _reconnect(self) -> bool:
+        """One attempt: connect without the lock (callers keep buffering meanwhile), then
+        set up and republish under it. False when the broker is still away."""
+        try:
+            conn = self._connector.connect()
+        except RECOVERABLE_ERRORS as exc:
+            self._connector.drop()
+            with self._lock:
+                self._lost = exc
+            log.warning("%s cannot reach %s (%s); %d commands waiting", self.role,
+                        self._t.masked_url, describe(exc, self._t.url),
+                        self._tracker.outstanding())
+            return False
+        with self._lock:
+            if self._closed:
+                return True
+            try:
+                self._conn = conn
+                self._epoch += 1
+                self._setup(conn)
+                self._lost = None
+            except RECOVERABLE_ERRORS as exc:
+                self._connector.drop()
+                self._conn = None
+                self._lost = exc
+                self._on_lost()
+                return False
+            self._cond.notify_all()
+        log.info("%s connected to %s (epoch %d)", self.role, self._t.masked_url, self._epoch)
+        return True
+
+    def _wake_io(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    # -- writing (lock held) -------------------------------------------------------
+    def _new_pending(self, body: bytes, routing_key: str, message_id: str | None) -> _Pending:
+        mid = message_id or f"{self._id_prefix}{next(self._ids):x}"
+        pending = self._tracker.new(self._exchange, routing_key, None)
+        pending.event = Outgoing(routing_key, body, True, mid)
+        self._by_id[mid] = pending
+        return pending
+
+    @staticmethod
+    def _message(pending: _Pending) -> Any:
+        if pending.message is None:
+            assert pending.event is not None
+            ev = pending.event
+            pending.message = Message(ev.body, delivery_mode=2, content_type=JSON,
+                                      message_id=ev.message_id)
+        return pending.message
+
+    def _write(self, pendings: Sequence[_Pending]) -> None:
+        """Frame and write publishes on the confirm channel, each registered first (so a
+        failed write is republished by the reconnect)."""
+        conn = self._conn
+        confirm = self._confirm
+        tracker = self._tracker
+        channel_id = confirm.channel_id
+        frame_max = conn.frame_max
+        word = self._exchange_word
+        parts: list[bytes] = []
+        size = 0
+        for p in pendings:
+            tracker.register(p)
+            framed = (
+                _frame_publish(parts, channel_id, word, p.event, 2, True, frame_max)
+                if _BATCHED_FRAMING and word and p.event is not None
+                else 0
+            )
+            if not framed:
+                if parts:
+                    AmqpOwnerLink._write(conn, parts)
+                    parts, size = [], 0
+                _publish(confirm, self._message(p), p.exchange, p.routing_key, True)
+                continue
+            size += framed
+            if size >= _WRITE_CHUNK:
+                AmqpOwnerLink._write(conn, parts)
+                parts, size = [], 0
+        if parts:
+            AmqpOwnerLink._write(conn, parts)
+
+    def _post(self, messages: Sequence[tuple[bytes, str, str | None]]) -> list[_Pending]:
+        """Hand commands over (lock held): written now if connected, else kept for the
+        reconnect. OutboxFullError, with nothing kept, if they do not fit the buffer."""
+        if self._closed:
+            raise TransportError("client link is closed")
+        tracker = self._tracker
+        waiting = tracker.outstanding()
+        if waiting + len(messages) > self.max_buffer // 2 and self._connected():
+            # Confirms may be waiting unread (see _io_loop): read them now; when the
+            # buffer is full while connected, wait for confirms (backpressure) rather
+            # than refuse at once.
+            if not self._reading:
+                try:
+                    self._drain_nowait(lambda: False)
+                except RECOVERABLE_ERRORS as exc:
+                    self._mark_lost(exc)
+                    self._wake_io()
+            if tracker.outstanding() + len(messages) > self.max_buffer:
+                room = self.max_buffer - len(messages)
+                self._wait_for(
+                    time.monotonic() + self._t.confirm_timeout,
+                    lambda: tracker.outstanding() <= room or not self._connected(),
+                )
+            waiting = tracker.outstanding()
+        if waiting + len(messages) > self.max_buffer:
+            self._stats["refused"] += len(messages)
+            state = "connected" if self._connected() else "the broker is away"
+            raise OutboxFullError(
+                f"client buffer full: {waiting} commands wait for the broker's confirm "
+                f"({state}; {self._t.masked_url}); buffer size {self.max_buffer} "
+                f"(BRAMA_CLIENT_BUFFER); {len(messages)} not sent"
+            )
+        batch = [self._new_pending(body, key, mid) for body, key, mid in messages]
+        self._stats["sent"] += len(batch)
+        if self._connected():
+            try:
+                self._write(batch)
+            except RECOVERABLE_ERRORS as exc:
+                self._mark_lost(exc)  # registered: the reconnect republishes them
+                self._wake_io()
+        else:
+            for p in batch:
+                tracker.defer(p)
+        return batch
+
+    def _republish_nacked(self) -> None:
+        nacked = self._tracker.take_nacked()
+        if nacked:
+            self._write(nacked)
+            self._stats["republished"] += len(nacked)
+
+    def _forget_pending(self, pending: _Pending) -> None:
+        if pending.event is not None:
+            self._by_id.pop(pending.event.message_id, None)
+        if not pending.done:  # given up: stop tracking it (no republish later)
+            tracker = self._tracker
+            for tag, p in list(tracker.unconfirmed.items()):
+                if p is pending:
+                    del tracker.unconfirmed[tag]
+            tracker.nacked = [p for p in tracker.nacked if p is not pending]
+
+    def _wait_for(self, deadline: float, done: Callable[[], bool]) -> None:
+        """Wait (lock held; released while waiting) until ``done()`` or the deadline.
+
+        Leader and followers: one waiting caller at a time reads the socket itself
+        (select without the lock, then drain under it) and wakes the others when
+        something arrived; the rest wait on the condition. So a confirm or a reply costs
+        the caller one wake-up, no hand-off through another thread, and waiting threads
+        do not all wake for every frame. While the broker is away everyone waits for the
+        I/O thread's reconnect.
+        """
+        cond = self._cond
+        while not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            # A socket closed under us raises here; the next turn notices.
-            with contextlib.suppress(OSError, ValueError):
-                select.select([sock], [], [], min(remaining, self._SLICE))
-
-    def _keepalive_loop(self) -> None:
-        """Keep heartbeats flowing while no thread uses the link."""
-        interval = self._max_wait
-        while not self._stop.wait(interval):
-            if not self._lock.acquire(timeout=interval):
+            if self._reading or not self._connected():
+                cond.wait(remaining)
                 continue
+            conn = self._conn
+            sock = conn.sock
+            self._reading = True
+            self._lock.release()
             try:
-                if self._closed or self._conn is None or self._lost is not None:
-                    continue
-                self._drain_nowait(lambda: False)
-                self._tick()
-            except Exception as exc:
-                self._lost = exc  # the next caller reconnects
+                with contextlib.suppress(OSError, ValueError, TypeError):
+                    select.select([sock], [], [], min(remaining, self._max_wait))
             finally:
-                self._lock.release()
+                self._lock.acquire()
+                self._reading = False
+            if self._conn is conn and self._lost is None and not self._closed:
+                try:
+                    self._drain_nowait(lambda: False)
+                    self._republish_nacked()
+                except RECOVERABLE_ERRORS as exc:
+                    self._mark_lost(exc)
+                    self._wake_io()
+            cond.notify_all()
+
+    def _unconfirmed_error(self, missing: int, total: int) -> TransportError:
+        if not self._connected():
+            cause = self._lost
+            detail = f" ({describe(cause, self._t.url)})" if cause is not None else ""
+            return BrokerUnavailableError(
+                f"{missing} of {total} commands not confirmed within "
+                f"{self._t.confirm_timeout} s: the broker is away{detail} "
+                f"({self._t.masked_url})"
+            )
+        return ConfirmError(
+            f"{missing} of {total} commands not confirmed within {self._t.confirm_timeout} s "
+            f"({self._t.masked_url})"
+        )
 
     # -- API ----------------------------------------------------------------------
+    def post(
+        self,
+        body: bytes,
+        routing_key: str = "owner",
+        *,
+        message_id: str | None = None,
+        confirm: bool = False,
+    ) -> bool:
+        """Publish a persistent command; it stays in the link's buffer until confirmed,
+        through reconnects (republished in order). OutboxFullError when ``max_buffer``
+        commands already wait.
+
+        ``confirm=False``: return at once. ``confirm=True``: while connected, wait for
+        the broker's confirm (so a busy client is paced by the broker, as with
+        :meth:`send`) and return True; while the broker is away (or if the connection
+        drops during the wait) return False at once, the command buffered. ConfirmError
+        (the command given up) if a connected broker does not confirm it within
+        ``confirm_timeout``; TransportError if it was returned unroutable.
+        """
+        deadline = time.monotonic() + self._t.confirm_timeout
+        with self._lock:
+            (pending,) = self._post([(body, routing_key, message_id)])
+            if not confirm or not self._connected():
+                return False
+            self._wait_for(deadline, lambda: pending.done or not self._connected())
+            if pending.done:
+                if pending.returned:
+                    raise TransportError(
+                        f"command unroutable: nothing bound to {routing_key!r} on "
+                        f"{self._exchange!r}"
+                    )
+                return True
+            if not self._connected():
+                return False
+            self._forget_pending(pending)
+            raise self._unconfirmed_error(1, 1)
+
+    def post_many(self, messages: Sequence[tuple[bytes, str]]) -> None:
+        """:meth:`post` for several commands ``(body, routing_key)``, written together;
+        all or none: OutboxFullError keeps none of them."""
+        if messages:
+            with self._lock:
+                self._post([(body, key, None) for body, key in messages])
+
     def send(self, body: bytes, routing_key: str = "owner", *, message_id: str | None = None
              ) -> None:
         """Publish a persistent command and return once the broker confirmed it.
 
-        ConfirmError if it is not confirmed within the transport's ``confirm_timeout``;
+        ConfirmError if it is not confirmed within the transport's ``confirm_timeout``
+        (BrokerUnavailableError if the broker is away then; the command is given up);
         TransportError if nothing is bound to ``routing_key`` (the broker returned it);
-        BrokerUnavailableError if the broker stays away past ``reconnect_timeout``.
+        OutboxFullError if the buffer is full.
         """
-        mid = message_id or uuid.uuid4().hex
-        msg = Message(body, delivery_mode=2, content_type=JSON, message_id=mid)
-        exchange = self._t.topology.commands_exchange
-        deadline = time.monotonic() + self._t.confirm_timeout
-        with self._lock:
-            pending = self._tracker.new(exchange, routing_key, msg)
-            self._by_id[mid] = pending
-            self._stats["sent"] += 1
-        sent = False
-
-        def step() -> None:
-            nonlocal sent
-            if not sent:
-                # Registered first: if the publish fails, the reconnect republishes it.
-                self._tracker.register(pending)
-                sent = True
-                self._confirm.basic_publish(msg, exchange, routing_key, mandatory=True)
-            self._republish_nacked()
-
-        try:
-            self._wait(deadline, lambda: pending.done, step)
-        finally:
-            with self._lock:
-                self._forget_pending(pending, mid)
-        if pending.returned:
-            raise TransportError(
-                f"command unroutable: nothing bound to {routing_key!r} on {exchange!r}"
-            )
-        if not pending.done:
-            raise ConfirmError(
-                f"command not confirmed within {self._t.confirm_timeout} s "
-                f"({self._t.masked_url})"
-            )
+        self._send_confirmed([(body, routing_key, message_id)])
 
     def send_many(self, messages: Sequence[tuple[bytes, str]]) -> None:
         """Publish persistent commands ``(body, routing_key)`` pipelined, in order, and
@@ -1903,82 +2221,52 @@ class AmqpClientLink(_AmqpLink):
         Errors as :meth:`send`. After an error some of them may have been confirmed
         already: a caller that sends the batch again delivers those twice (at least once).
         """
-        if not messages:
-            return
-        exchange = self._t.topology.commands_exchange
+        if messages:
+            self._send_confirmed([(body, key, None) for body, key in messages])
+
+    def _send_confirmed(self, messages: Sequence[tuple[bytes, str, str | None]]) -> None:
         deadline = time.monotonic() + self._t.confirm_timeout
-        batch: list[tuple[_Pending, str, str, Any]] = []
         with self._lock:
-            for body, routing_key in messages:
-                mid = uuid.uuid4().hex
-                msg = Message(body, delivery_mode=2, content_type=JSON, message_id=mid)
-                pending = self._tracker.new(exchange, routing_key, msg)
-                self._by_id[mid] = pending
-                batch.append((pending, mid, routing_key, msg))
-            self._stats["sent"] += len(batch)
-        sent = 0
-        settled = 0
+            batch = self._post(messages)
+            try:
+                self._wait_for(deadline, lambda: all(p.done for p in batch))
+            finally:
+                for p in batch:
+                    self._forget_pending(p)
+            settled = sum(1 for p in batch if p.done)
+            returned = [p.routing_key for p in batch if p.returned]
+            if returned:
+                raise TransportError(
+                    f"{len(returned)} command(s) unroutable: nothing bound to "
+                    f"{returned[0]!r} on {self._exchange!r}"
+                )
+            if settled < len(batch):
+                raise self._unconfirmed_error(len(batch) - settled, len(batch))
 
-        def step() -> None:
-            nonlocal sent
-            while sent < len(batch):
-                pending, _, routing_key, msg = batch[sent]
-                self._tracker.register(pending)  # first: a failed publish is republished
-                sent += 1
-                self._confirm.basic_publish(msg, exchange, routing_key, mandatory=True)
-            self._republish_nacked()
+    def pending(self) -> int:
+        """Commands handed over and not yet confirmed by the broker."""
+        with self._lock:
+            return self._tracker.outstanding()
 
-        def done() -> bool:
-            nonlocal settled
-            while settled < len(batch) and batch[settled][0].done:
-                settled += 1
-            return settled == len(batch)
-
-        try:
-            self._wait(deadline, done, step)
-        finally:
-            with self._lock:
-                for pending, mid, _, _ in batch:
-                    self._forget_pending(pending, mid)
-        returned = [key for pending, _, key, _ in batch if pending.returned]
-        if returned:
-            raise TransportError(
-                f"{len(returned)} commands unroutable: nothing bound to {returned[0]!r} "
-                f"on {exchange!r}"
-            )
-        if not done():
-            raise ConfirmError(
-                f"{len(batch) - settled} of {len(batch)} commands not confirmed within "
-                f"{self._t.confirm_timeout} s ({self._t.masked_url})"
-            )
-
-    def _republish_nacked(self) -> None:
-        for pending in self._tracker.take_nacked():
-            self._tracker.register(pending)
-            self._confirm.basic_publish(
-                pending.message, pending.exchange, pending.routing_key, mandatory=True
-            )
-            self._stats["republished"] += 1
-
-    def _forget_pending(self, pending: _Pending, mid: str) -> None:
-        if self._by_id.get(mid) is pending:
-            del self._by_id[mid]
-        if not pending.done:  # given up: stop tracking it (no republish later)
-            for tag, p in list(self._tracker.unconfirmed.items()):
-                if p is pending:
-                    del self._tracker.unconfirmed[tag]
-            self._tracker.nacked = [p for p in self._tracker.nacked if p is not pending]
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every command posted so far is confirmed; False on timeout."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._lock:
+            mark = self._tracker.seq
+            self._wait_for(deadline, lambda: self._tracker.settled_through() >= mark)
+            return self._tracker.settled_through() >= mark
 
     def request(self, body: bytes, timeout: float, routing_key: str = "owner") -> bytes:
-        """RPC over direct reply-to; RequestTimeoutError when no answer arrives in time.
+        """RPC over direct reply-to; RequestTimeoutError when no answer arrives in time
+        (BrokerUnavailableError when the broker was away all along).
 
-        The request goes out on the channel that consumes ``amq.rabbitmq.reply-to``
-        (RabbitMQ requires that). One in flight when the connection drops is sent again
-        on the new one (queries are idempotent; a duplicate probe lease times out).
+        The request goes out on the commands' channel, after every command posted
+        before it. One in flight when the connection drops is sent again on the new one
+        (queries are idempotent; a duplicate probe lease times out).
         """
         corr = uuid.uuid4().hex
         deadline = time.monotonic() + max(0.0, timeout)
-        exchange = self._t.topology.commands_exchange
+        exchange = self._exchange
         msg = Message(
             body,
             delivery_mode=1,
@@ -1988,46 +2276,99 @@ class AmqpClientLink(_AmqpLink):
             application_headers={"x-brama-deadline": int(time.time() * 1000 + timeout * 1000)},
         )
         slot = _RpcSlot()
-
-        def step() -> None:
-            if slot.epoch != self._epoch:
-                slot.epoch = self._epoch
-                self._rpc_channel.basic_publish(msg, exchange, routing_key, mandatory=True)
-
         with self._lock:
+            if self._closed:
+                raise TransportError("client link is closed")
             self._rpc[corr] = slot
             self._stats["requests"] += 1
-        try:
-            self._wait(deadline, lambda: slot.done or slot.returned, step)
-        finally:
-            with self._lock:
+            try:
+                while not (slot.done or slot.returned):
+                    if slot.epoch != self._epoch and self._connected():
+                        slot.epoch = self._epoch
+                        try:
+                            self._tracker.next_tag += 1  # a tag of the channel nobody waits for
+                            _publish(self._confirm, msg, exchange, routing_key, True)
+                        except RECOVERABLE_ERRORS as exc:
+                            self._mark_lost(exc)
+                            self._wake_io()
+                            continue
+                    if time.monotonic() >= deadline:
+                        break
+                    self._wait_for(
+                        deadline,
+                        lambda: slot.done
+                        or slot.returned
+                        or (slot.epoch != self._epoch and self._connected()),
+                    )
+            finally:
                 self._rpc.pop(corr, None)
-        if slot.done:
-            return slot.body
-        if slot.returned:
-            raise TransportError(
-                f"request unroutable: nothing bound to {routing_key!r} on {exchange!r}"
-            )
+            if slot.done:
+                return slot.body
+            if slot.returned:
+                raise TransportError(
+                    f"request unroutable: nothing bound to {routing_key!r} on {exchange!r}"
+                )
+            if slot.epoch == 0 and not self._connected():
+                raise self._error(self._lost or OSError("not connected"),
+                                  f"request (no connection within {timeout} s)")
         raise RequestTimeoutError(
             f"no answer on {routing_key!r} within {timeout} s (is an owner running?)"
         )
 
     def stats(self) -> dict[str, int]:
-        """Counters: sent, requests, republished, returned, confirmed, nacked, reconnects."""
+        """Counters: sent, requests, republished, returned, refused (buffer full),
+        confirmed, nacked, reconnects, pending."""
         with self._lock:
             out = dict(self._stats)
             out["confirmed"] = self._tracker.confirmed
             out["nacked"] = self._tracker.nacks
             out["reconnects"] = self._counters["reconnects"]
+            out["pending"] = self._tracker.outstanding()
             return out
 
-    def close(self) -> None:
-        """Stop the heartbeat thread and close the connection."""
-        self._stop.set()
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` s for unconfirmed commands (when connected), then stop
+        the I/O thread and close the connection. Commands still unconfirmed are logged."""
+        if self._closed:
+            return
+        if self.pid != os.getpid():  # the parent's link, inherited by fork: not ours
+            self._closed = True
+            return
         with self._lock:
+            connected = self._connected()
+        if connected and not self.flush(timeout):
+            log.warning("%s closed with %d commands unconfirmed", self.role, self.pending())
+        elif not connected and self.pending():
+            log.warning("%s closed while the broker is away: %d commands not sent",
+                        self.role, self.pending())
+        self._stop.set()
+        self._wake_io()
+        io = self._io
+        if io is not threading.current_thread():
+            io.join(timeout=max(1.0, self._t.connect_timeout + 1))
+        with self._lock:
+            self._cond.notify_all()
             super().close()
-        if self._keepalive is not None and self._keepalive is not threading.current_thread():
-            self._keepalive.join(timeout=5)
+        self._close_wake()
+
+    def _close_wake(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+_CLIENT_LINKS: weakref.WeakSet[AmqpClientLink] = weakref.WeakSet()
+
+
+def _flush_client_links(timeout: float = 5.0) -> None:
+    """At exit: give posted commands up to ``timeout`` s to be confirmed."""
+    pid = os.getpid()
+    for link in list(_CLIENT_LINKS):
+        if link.pid == pid and not link._closed and link.pending() and not link.flush(timeout):
+            log.warning("client link (pid %d): %d commands not confirmed before exit",
+                        pid, link.pending())
+
+
+atexit.register(_flush_client_links)
 
 
 class AmqpTransport:
@@ -2071,6 +2412,7 @@ class AmqpTransport:
         self._links: list[_AmqpLink] = []
         self._lock = threading.Lock()
         self._declared: set[tuple[str, str]] = set()
+        self._dead_unbounded = False  # warned that an old, unbounded dead queue is kept
 
     def __repr__(self) -> str:
         return f"AmqpTransport({self.masked_url!r}, prefix={self.topology.prefix!r})"
@@ -2090,13 +2432,28 @@ class AmqpTransport:
         )
 
     def _declare_on(self, channel: Any) -> None:
+        topology = self.topology
         try:
-            declare_topology(channel, self.topology)
-        except amqp_exc.PreconditionFailed as exc:
+            declare_topology(channel, topology)
+        except PreconditionFailed as exc:
             mismatch = self._shard_mismatch(exc)
-            if mismatch is None:
+            if mismatch is not None:
+                raise mismatch from exc
+            # A dead queue made before it was bounded (see Topology.dead_queue_arguments):
+            # keep it as it is rather than refuse to start, and say how to bound it.
+            if topology.dead_queue not in str(exc) or not topology.dead_queue_arguments():
                 raise
-            raise mismatch from exc
+            log.log(
+                logging.DEBUG if self._dead_unbounded else logging.WARNING,
+                "queue %s exists without the length limits this version declares (%s); "
+                "using it unbounded: drain and delete it to have it bounded",
+                topology.dead_queue, describe(exc, self.url),
+            )
+            self._dead_unbounded = True
+            if not channel.is_open:  # py-amqp reopens a channel the broker closed
+                channel.open()
+            topology = dataclasses.replace(topology, dead_max_length=None, dead_max_bytes=None)
+            declare_topology(channel, topology)
         for name, _ in self.topology.exchanges():
             self._note("exchange", name)
         for name in self.topology.queue_names():
@@ -2117,6 +2474,7 @@ class AmqpTransport:
         queues: Sequence[str],
         *,
         record: bool = False,
+        owner_side: bool = True,
     ) -> Any:
         """A channel, after checking the shared topology a client or subscriber uses.
 
@@ -2124,7 +2482,8 @@ class AmqpTransport:
         creates itself. When something is missing (no owner has run yet) the whole topology
         is declared, which needs configure permission (guest has it; a restricted user gets
         AccessRefusedError saying so). ``record``: also check the shard count (a client
-        routes by it).
+        routes by it). ``owner_side=False`` (subscribers): bootstrap only the exchanges, so
+        a subscriber, which does not know the shard count, never stores one.
         """
         ch = conn.channel()
         try:
@@ -2134,7 +2493,12 @@ class AmqpTransport:
                 ch.queue_declare(queue, passive=True)
         except amqp_exc.NotFound:
             ch = conn.channel()  # the failed check closed the other one
-            self._declare_on(ch)
+            if owner_side:
+                self._declare_on(ch)
+            else:
+                for name, kind in self.topology.exchanges():
+                    ch.exchange_declare(name, kind, durable=True, auto_delete=False)
+                    self._note("exchange", name)
             return ch
         if record:
             try:

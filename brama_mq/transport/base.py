@@ -182,6 +182,20 @@ class ClientLink(Protocol):
         """Publish a persistent command; returns once the broker confirmed it."""
         ...
 
+    def post(
+        self,
+        body: bytes,
+        routing_key: str = "owner",
+        *,
+        message_id: str | None = None,
+        confirm: bool = False,
+    ) -> bool:
+        """Publish a persistent command, kept (bounded, republished after a reconnect)
+        until confirmed; OutboxFullError when the link's buffer is full. With
+        ``confirm``, wait for the confirm while connected (True); while the broker is
+        away return False at once, the command buffered."""
+        ...
+
     def request(self, body: bytes, timeout: float, routing_key: str = "owner") -> bytes:
         """RPC over direct reply-to; RequestTimeoutError when no answer comes in time."""
         ...

@@ -642,6 +642,33 @@ class MemoryClientLink:
         for body, routing_key in messages:
             self.send(body, routing_key)
 
+    def post(
+        self,
+        body: bytes,
+        routing_key: str = "owner",
+        *,
+        message_id: str | None = None,
+        confirm: bool = False,
+    ) -> bool:
+        """As :meth:`send` (the in-memory broker is never away): True, routed."""
+        self.send(body, routing_key, message_id=message_id)
+        return True
+
+    def post_many(self, messages: Sequence[tuple[bytes, str]]) -> None:
+        """As :meth:`send_many`."""
+        self.send_many(messages)
+
+    #: Kept for the interface: the in-memory broker takes every command at once.
+    max_buffer = 10_000
+
+    def pending(self) -> int:
+        """Always 0: nothing waits for a confirm in memory."""
+        return 0
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Nothing to wait for."""
+        return True
+
     def request(self, body: bytes, timeout: float, routing_key: str = "owner") -> bytes:
         """RPC through the in-memory direct reply-to."""
         if self._closed:

@@ -174,7 +174,7 @@ class Topology:
     def dead_queue_arguments(self) -> dict[str, Any]:
         """Arguments of the dead queue: bounded, the oldest dropped first (see
         DEFAULT_DEAD_MAX_LENGTH). RabbitMQ refuses to redeclare a queue with other
-        arguments: a dead queue made without them must be drained and deleted first."""
+        arguments: the AMQP transport keeps a dead queue made without them, warning."""
         args: dict[str, Any] = {}
         if self.dead_max_length is not None:
             args["x-max-length"] = self.dead_max_length
