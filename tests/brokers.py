@@ -137,6 +137,10 @@ class _Tracked:
     transports: list[Any] = field(default_factory=list)
 
 
+#: Shard counts a test may use; the sweep deletes the names of each.
+_MOST_SHARDS_IN_TESTS = 4
+
+
 class Registry:
     """What each test prefix declared where, so its teardown deletes exactly that."""
 
@@ -163,21 +167,27 @@ class Registry:
         t.transports.append(transport)
         return transport
 
-    def sweep(self, prefix: str) -> list[str]:
-        """Delete everything tracked under ``prefix``; returns the errors (not raised)."""
+    def sweep(self, prefix: str, also: Iterable[str] = ()) -> list[str]:
+        """Delete everything tracked under ``prefix`` (on ``also`` too: the URLs of brokers
+        the test used without tracking anything, e.g. through worker processes); returns
+        the errors (not raised)."""
         with self._lock:
             t = self._by_prefix.pop(prefix, None)
         if t is None:
-            return []
+            if not also:
+                return []
+            t = _Tracked()
+        t.urls.update(also)
         queues, exchanges = set(t.queues), set(t.exchanges)
         for transport in t.transports:
             with contextlib.suppress(Exception):
                 transport.close()
             for kind, name in transport.declared():
                 (queues if kind == "queue" else exchanges).add(name)
-        topo = Topology(prefix)
-        queues.update(topo.queue_names())
-        exchanges.update(name for name, _ in topo.exchanges())
+        for shards in range(1, _MOST_SHARDS_IN_TESTS + 1):  # sharded names too
+            topo = Topology(prefix, shards)
+            queues.update(topo.queue_names())
+            exchanges.update(name for name, _ in topo.exchanges())
         errors = []
         for url in t.urls:
             try:

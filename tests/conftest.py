@@ -42,11 +42,14 @@ def broker_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def prefix(broker_registry: brokers.Registry) -> Iterator[str]:
-    """A unique name prefix; at teardown everything tracked under it is deleted."""
+def prefix(broker_registry: brokers.Registry, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A unique name prefix; at teardown everything tracked under it is deleted, and when
+    the test used the shared broker, the prefix's topology there too (worker processes
+    declare it without the test tracking anything)."""
     p = f"t{uuid.uuid4().hex[:10]}"
     yield p
-    errors = broker_registry.sweep(p)
+    also = [request.getfixturevalue("broker_url")] if "broker_url" in request.fixturenames else []
+    errors = broker_registry.sweep(p, also)
     assert not errors, errors
 
 
