@@ -190,7 +190,8 @@ def test_standby_takes_over_after_sigkill_under_load(setup: Setup) -> None:
     time is measured and logged), every circuit opened before or after stays open,
     ``seq`` goes on exactly (no command lost or applied twice), nothing is
     dead-lettered, and the durable queue holds every opening's circuit_opened and
-    state_change at least once, repeats sharing id and seq."""
+    state_change at least once, repeats sharing id and seq. Then the new owner is
+    killed in turn under load and a third worker carries on the same way."""
     active = setup.start_worker(BRAMA_SNAPSHOT_INTERVAL="1")
     active.wait_active()
     standby = setup.start_worker(BRAMA_SNAPSHOT_INTERVAL="1")
@@ -263,8 +264,33 @@ def test_standby_takes_over_after_sigkill_under_load(setup: Setup) -> None:
     print(f"critical events: {len(seen)} for {len(opening)} openings ({repeats} repeats)")
     out = standby.output()
     assert "Traceback" not in out, out
-    standby.terminate()
-    assert standby.wait(20) == 0, standby.output()
+
+    # Again, from the new owner to a third worker: the chain of owners goes on.
+    third = setup.start_worker(BRAMA_SNAPSHOT_INTERVAL="1")
+    more = [_command("success", steady[i % 500]) for i in range(2000)]
+    publisher = Publisher(setup.node.url, setup.topology)
+    try:
+        sender = threading.Thread(
+            target=lambda: [publisher.send(more[i : i + 250]) for i in range(0, 2000, 250)],
+            daemon=True)
+        sender.start()
+        _wait(lambda: publisher.acked >= 500, 30, "the second load did not start")
+        second_takeover = kill_and_time_takeover(standby, third, timeout=30)
+        log.warning("second takeover after SIGKILL under load: %.3f s", second_takeover)
+        print(f"second takeover after SIGKILL under load: {second_takeover:.3f} s")
+        sender.join(60)
+        assert publisher.sent == publisher.acked == 2000
+    finally:
+        publisher.close()
+    _wait(lambda: all(v["seq"] >= 16 for k, v in setup.statuses().items() if k in steady),
+          60, "the third owner did not apply the second load")
+    st = setup.statuses()
+    assert {m: st[m]["seq"] for m in steady} == {m: 16 for m in steady}  # 4 more each
+    assert {n: (st[n]["state"], st[n]["seq"]) for n in opening} == {
+        n: ("open", 6) for n in opening}
+    assert setup.depth(setup.topology.dead_queue) == 0
+    third.terminate()
+    assert third.wait(20) == 0, third.output()
 
 
 # -- persistence ----------------------------------------------------------------------

@@ -206,4 +206,16 @@ def test_owner_without_journal_keeps_the_old_behaviour(memory_transport: MemoryT
         client.register("y", wait=True)
         assert client.status("y")["state"] == "closed"
     owner.stop(wait=10)
-    assert memory_transport.broker.streams[memory_transport.topology.journal_stream()] == []
+    assert len(memory_transport.broker.streams[memory_transport.topology.journal_stream()]) == 0
+
+
+def test_memory_streams_drop_their_oldest_records_past_their_size() -> None:
+    """The embedded journal is bounded like a RabbitMQ stream; offsets keep counting."""
+    from brama_mq.transport.memory import MemoryStream
+
+    stream = MemoryStream(max_bytes=10)
+    for i in range(8):
+        stream.append(i, b"abcd")
+    assert (stream.first, stream.end, stream.size) == (6, 8, 8)
+    assert stream.read_from(0) == [(6, b"abcd"), (7, b"abcd")]
+    assert stream.offset_at(7) == 7 and stream.offset_at(99) == 8

@@ -23,9 +23,10 @@ from brama_mq.transport.base import StreamReader, Transport
 log = logging.getLogger("brama_mq.owner")
 
 #: Snapshots name the wall-clock time they were taken; the journal is read from this
-#: much earlier (the broker's clock may differ from the owner's, and stream timestamps
-#: are per chunk), then skipped up to the record the snapshot follows.
-SEEK_MARGIN_MS = 120_000
+#: much earlier (stream timestamps are the broker's, per chunk, in whole seconds; the
+#: owner's clock may differ a little), then skipped up to the record the snapshot
+#: follows. If that record is not found the replica reads from the journal's start.
+SEEK_MARGIN_MS = 15_000
 #: How long a reader waits for the newest snapshot (the last chunk of a stream arrives
 #: at once; an empty stream sends nothing, so this is what a first start costs).
 _SNAPSHOT_FIRST_WAIT_S = 0.5

@@ -261,6 +261,14 @@ class Snapshot:
         )
 
 
+def _may_matter(body: bytes, owner: str) -> bool:
+    """Cheap pre-check while seeking: could this record be a takeover or a batch of
+    ``owner``? (Both encoders put the owner near the start; takeovers are short.)"""
+    if len(body) < 1024 and b"takeover" in body:
+        return True
+    return b'"o":"%s"' % owner.encode() in body[:1024]
+
+
 class SnapshotMismatch(Exception):
     """The snapshot follows a record that the journal did not accept: read from the start."""
 
@@ -298,7 +306,11 @@ class Follower:
         return self._seek is not None
 
     def feed(self, body: bytes) -> JournalBatch | None:
-        """Take one record; returns it decoded (None if it is not a journal record)."""
+        """Take one record; returns it decoded (None if it is not a journal record, or
+        was skipped unread while seeking)."""
+        seek = self._seek
+        if seek is not None and not _may_matter(body, seek.owner):
+            return None  # seeking: neither a takeover nor the snapshot owner's batch
         try:
             record = JournalBatch.decode(body)
         except (ValueError, KeyError, TypeError) as exc:
@@ -308,7 +320,6 @@ class Follower:
         if record.lineage != self.engine.lineage:
             self.ignored += 1
             return record
-        seek = self._seek
         if seek is not None:
             if record.kind == TAKEOVER:
                 self._takeover_seen = record.owner

@@ -21,6 +21,12 @@ the acks (and the RPC answers) wait, exactly as long as the confirms take. Under
 trickle of commands that takes the confirm round trip off every command's path; under
 a flood the prefetch window fills and the loop waits for confirms as before (which
 lets the broker's queues go idle and sync at once rather than on their timer).
+
+Failover (docs/architecture.md, "Failover and persistence"): every input that changes
+the engine is appended to a journal stream before the critical events it causes, and
+the registry to a snapshot stream every ``snapshot_interval``; an owner starts as a hot
+standby replaying them (:mod:`brama_mq.owner.failover`) and serves only after a takeover
+record of its own came back from the journal.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from brama_mq import telemetry
 from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Advance, Engine, Result
@@ -45,7 +51,15 @@ from brama_mq.owner.failover import Replica, supports_journal
 from brama_mq.owner.journal import BATCH, TAKEOVER, AppliedIds, JournalWriter, encode_snapshot
 from brama_mq.owner.queries import answer_query
 from brama_mq.protocol import QUERY_OPS, Reply, decode_command, encode_event, encode_reply
-from brama_mq.transport.base import PING_BODY, PING_HEADER, Delivery, Outgoing, OwnerLink, Transport
+from brama_mq.transport.base import (
+    PING_BODY,
+    PING_HEADER,
+    Delivery,
+    JournalLink,
+    Outgoing,
+    OwnerLink,
+    Transport,
+)
 
 log = logging.getLogger("brama_mq.owner")
 
@@ -333,7 +347,7 @@ class Owner:
             now = time.monotonic()
             if now - self._last_ping >= _PING_EVERY_S:
                 self._last_ping = now
-                link.ping()  # type: ignore[attr-defined]
+                _jl(link).ping()
             # Not 0: a TLS link reads nothing in a fetch that may not wait at all.
             held = link.fetch(self.batch_size, _STANDBY_POLL_S / 2)
             if not held:
@@ -343,11 +357,11 @@ class Owner:
     def _take_over(self, link: OwnerLink, held: list[Delivery]) -> None:
         """The queue is ours: catch up to the journal's end, then serve ``held`` first."""
         t0 = time.monotonic()
-        epoch = link.epoch  # type: ignore[attr-defined]
+        epoch = _jl(link).epoch
         replica = self._replica
         assert replica is not None and self._jw is not None
         token = uuid.uuid4().hex[:16]
-        link.append(self._journal_stream, self._jw.takeover(token))  # type: ignore[attr-defined]
+        _jl(link).append(self._journal_stream, self._jw.takeover(token))
         replica.catch_up(token, _CATCH_UP_TIMEOUT_S, self._stop.is_set)
         follower = replica.follower
         engine = follower.engine
@@ -381,7 +395,7 @@ class Owner:
         if again:
             self._submit_events(link, again, None, [])
             self._inflight[-1].journal_n = follower.n
-        if link.epoch != epoch:  # type: ignore[attr-defined]
+        if _jl(link).epoch != epoch:
             self._step_down("the connection was replaced during the takeover")
             return
         self._submit(link, held)
@@ -394,7 +408,7 @@ class Owner:
         jw = self._jw
         if jw:
             self._n += 1
-            link.append(  # type: ignore[attr-defined]
+            _jl(link).append(
                 self._journal_stream, jw.take(self._n, self._token, self._acked_n)
             )
             self.stats.journal_batches += 1
@@ -419,7 +433,7 @@ class Owner:
             if age < 3 * self.snapshot_interval:
                 return  # wait for a moment with every batch confirmed
             self._settle(link, block=True)
-            if link.epoch != self._active_epoch:  # type: ignore[attr-defined]
+            if _jl(link).epoch != self._active_epoch:
                 return  # reconnected meanwhile: step() steps down first
         self._snapshot(link)
 
@@ -430,7 +444,7 @@ class Owner:
             self.engine, self.applied, owner=self._token, n=self._n, kind=kind,
             ts=wall_clock_ms(),
         )
-        link.append(self._snapshot_stream, body)  # type: ignore[attr-defined]
+        _jl(link).append(self._snapshot_stream, body)
         self._last_snapshot = time.monotonic()
         self._snapshot_n = self._n
         self.stats.snapshots += 1
@@ -439,7 +453,7 @@ class Owner:
     def step(self, link: OwnerLink) -> int:
         """One turn of the loop; returns how many deliveries it handled."""
         if self._journaled:
-            if link.epoch != self._active_epoch:  # type: ignore[attr-defined]
+            if _jl(link).epoch != self._active_epoch:
                 self._step_down("the connection to the broker was replaced")
                 return 0
             self._maybe_snapshot(link)
@@ -483,7 +497,7 @@ class Owner:
 
     def _replaced(self, link: OwnerLink, deliveries: list[Delivery]) -> bool:
         """Deliveries from a new connection: step down, then take over with them."""
-        if not self._journaled or link.epoch == self._active_epoch:  # type: ignore[attr-defined]
+        if not self._journaled or _jl(link).epoch == self._active_epoch:
             return False
         self._step_down("the connection to the broker was replaced")
         self._held = deliveries
@@ -725,6 +739,11 @@ def _reply_for(result: Result) -> Reply:
         error=result.error,
         events=[e.to_dict() for e in result.events],
     )
+
+
+def _jl(link: OwnerLink) -> JournalLink:
+    """``link`` as the journal-capable link it is once ``supports_journal`` said so."""
+    return cast(JournalLink, link)
 
 
 def _journal_probe(

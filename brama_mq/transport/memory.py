@@ -38,6 +38,7 @@ __all__ = [
     "MemoryClientLink",
     "MemoryEventSource",
     "MemoryOwnerLink",
+    "MemoryStream",
     "MemoryStreamReader",
     "MemoryTransport",
 ]
@@ -159,8 +160,8 @@ class MemoryBroker:
         self.exchanges: dict[str, _Exchange] = {}
         self.queues: dict[str, _Queue] = {}
         self.reply_boxes: dict[str, _ReplyBox] = {}
-        #: Streams: append-only ``(epoch ms, body)`` lists, read from any offset.
-        self.streams: dict[str, list[tuple[int, bytes]]] = {}
+        #: Streams: append-only, read from any offset, oldest records dropped past a size.
+        self.streams: dict[str, MemoryStream] = {}
 
     # -- declaration -----------------------------------------------------------------
     def declare_exchange(self, name: str, kind: str) -> None:
@@ -193,9 +194,10 @@ class MemoryBroker:
             if ex is not None:
                 ex.unbind(queue, key)
 
-    def declare_stream(self, name: str) -> None:
+    def declare_stream(self, name: str, max_bytes: int) -> None:
         with self.lock:
-            self.streams.setdefault(name, [])
+            if name not in self.streams:
+                self.streams[name] = MemoryStream(max_bytes)
 
     def delete_queue(self, name: str) -> None:
         with self.lock:
@@ -212,7 +214,7 @@ class MemoryBroker:
             if exchange == "":
                 stream = self.streams.get(routing_key)
                 if stream is not None:
-                    stream.append((time.time_ns() // 1_000_000, message.body))
+                    stream.append(time.time_ns() // 1_000_000, message.body)
                     self.cond.notify_all()
                     return True
                 targets = {routing_key} if routing_key in self.queues else set()
@@ -511,6 +513,47 @@ class MemoryOwnerLink(_MemoryConsumer):
         self._release()
 
 
+class MemoryStream:
+    """One stream: records numbered from 0; the oldest go once they exceed ``max_bytes``
+    (the last one always stays), as a RabbitMQ stream drops whole segments."""
+
+    __slots__ = ("first", "max_bytes", "records", "size")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.first = 0  # offset of records[0]
+        self.records: deque[tuple[int, bytes]] = deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def end(self) -> int:
+        """The offset the next record gets."""
+        return self.first + len(self.records)
+
+    def append(self, ts: int, body: bytes) -> None:
+        self.records.append((ts, body))
+        self.size += len(body)
+        while self.size > self.max_bytes and len(self.records) > 1:
+            _, old = self.records.popleft()
+            self.size -= len(old)
+            self.first += 1
+
+    def offset_at(self, since_ms: int) -> int:
+        """The first record written at or after ``since_ms`` (``end`` if none)."""
+        for i, (ts, _) in enumerate(self.records):
+            if ts >= since_ms:
+                return self.first + i
+        return self.end
+
+    def read_from(self, pos: int) -> list[tuple[int, bytes]]:
+        start = max(pos, self.first)
+        return [(self.first + i, body) for i, (_, body) in enumerate(self.records)
+                if self.first + i >= start]
+
+
 class MemoryStreamReader:
     """StreamReader in memory: a position in one of the broker's streams."""
 
@@ -525,15 +568,13 @@ class MemoryStreamReader:
             if records is None:
                 raise TransportError(f"no stream {stream!r} (NOT_FOUND)")
             if since_ms is not None:
-                self._pos = next(
-                    (i for i, (ts, _) in enumerate(records) if ts >= since_ms), len(records)
-                )
+                self._pos = records.offset_at(since_ms)
             elif offset == "first":
-                self._pos = 0
+                self._pos = records.first
             elif offset == "last":
-                self._pos = max(0, len(records) - 1)
+                self._pos = max(records.first, records.end - 1)
             elif offset == "next":
-                self._pos = len(records)
+                self._pos = records.end
             elif isinstance(offset, int) and offset >= 0:
                 self._pos = offset
             else:
@@ -543,7 +584,8 @@ class MemoryStreamReader:
     def exhausted(self) -> bool:
         """Whether every record so far has been read."""
         with self._broker.lock:
-            return self._pos >= len(self._broker.streams.get(self._name, ()))
+            stream = self._broker.streams.get(self._name)
+            return stream is None or self._pos >= stream.end
 
     def read(self, timeout: float) -> list[tuple[int, bytes]]:
         """Wait up to ``timeout`` s for records after the position; return what is there."""
@@ -553,10 +595,11 @@ class MemoryStreamReader:
             while True:
                 if self._closed:
                     raise TransportError("stream reader is closed")
-                records = b.streams.get(self._name, [])
-                if len(records) > self._pos:
-                    start, self._pos = self._pos, len(records)
-                    return [(start + i, body) for i, (_, body) in enumerate(records[start:])]
+                stream = b.streams.get(self._name)
+                if stream is not None and stream.end > self._pos:
+                    out = stream.read_from(self._pos)
+                    self._pos = stream.end
+                    return out
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
@@ -809,8 +852,8 @@ class MemoryTransport:
                 b.bind(queue, t.commands_exchange, key)
             b.declare_queue(t.dead_queue, durable=True, max_length=t.dead_max_length)
             b.bind(t.dead_queue, t.dead_exchange, "")
-            for stream, _ in t.streams():
-                b.declare_stream(stream)
+            for stream, args in t.streams():  # a sixteenth of RabbitMQ's size: in-process
+                b.declare_stream(stream, int(args["x-max-length-bytes"]) // 16)
 
     def delete_topology(self) -> None:
         """Delete the topology's queues and exchanges."""
