@@ -15,8 +15,10 @@ from brama_mq.transport.topology import Topology
 
 try:  # `python -m pytest` from the repo root: tests is a namespace package
     from tests import brokers
+    from tests.worker_proc import WorkerProcess
 except ImportError:  # pytest put tests/ itself on sys.path
     import brokers  # type: ignore[no-redef]
+    from worker_proc import WorkerProcess  # type: ignore[no-redef]
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +97,12 @@ def private_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.P
         yield node
     finally:
         node.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    """Worker processes started by the test; killed at teardown if still running."""
+    started: list[WorkerProcess] = []
+    yield started
+    for w in started:
+        w.close()

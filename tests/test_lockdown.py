@@ -36,6 +36,7 @@ from tests import brokers
 from tests.metrics_helpers import free_port, scrape
 from tests.wire import KombuTap
 from tests.worker_proc import WorkerProcess, run_cli
+from tests.worker_proc import start_worker as _worker
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Every password of this module: the secrets test looks for each of them in output.
@@ -126,21 +127,8 @@ def _add_user(node: brokers.PrivateNode, role: str, prefix: str) -> str:
     return user
 
 
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.close()
 
 
-def _worker(workers: list[WorkerProcess], tmp_path: Path, env: dict[str, str], *args: str,
-            ready: bool = True) -> WorkerProcess:
-    w = WorkerProcess(tmp_path / f"worker{len(workers)}.log", env, args)
-    workers.append(w)
-    if ready:
-        w.wait_ready()
-    return w
 
 
 def _refused(url: str, action: Any) -> str:

@@ -10,7 +10,6 @@ import json
 import re
 import uuid
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from brama_mq.transport.amqp import AmqpTransport
 from tests import brokers
 from tests.wire import KombuTap
 from tests.worker_proc import WorkerProcess, run_cli
+from tests.worker_proc import start_worker as _worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,22 +36,8 @@ VECTORS = [
 ]
 
 
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    """Worker processes started by the test; killed at teardown if still running."""
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.close()
 
 
-def _worker(workers: list[WorkerProcess], tmp_path: Path, settings: dict[str, str],
-            *args: str, ready: bool = True) -> WorkerProcess:
-    w = WorkerProcess(tmp_path / f"worker{len(workers)}.log", settings, args)
-    workers.append(w)
-    if ready:
-        w.wait_ready()
-    return w
 
 
 @pytest.mark.parametrize(("scope", "connection", "hashed", "crc", "n", "shard"), VECTORS)

@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
@@ -27,30 +27,13 @@ from brama_mq.transport.amqp import AmqpTransport
 from tests import brokers
 from tests.wire import KombuTap
 from tests.worker_proc import WorkerProcess, run_cli
+from tests.worker_proc import start_worker as _start
 
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    """Worker processes started by the test; killed at teardown if still running."""
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.close()
 
 
-def _start(
-    workers: list[WorkerProcess],
-    tmp_path: Path,
-    settings: dict[str, str],
-    *args: str,
-) -> WorkerProcess:
-    """Start a worker and wait until it consumes its queue."""
-    w = WorkerProcess(tmp_path / f"worker{len(workers)}.log", settings, args)
-    workers.append(w)
-    w.wait_ready()
-    return w
 
 
 def _depth(url: str, queue: str) -> int:

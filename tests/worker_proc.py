@@ -130,3 +130,19 @@ def kill_and_time_takeover(
     active.kill()
     standby.wait_for_log("owner active", timeout, before + 1)
     return time.monotonic() - t0
+
+
+def start_worker(
+    workers: list[WorkerProcess],
+    tmp_path: Path,
+    settings: Mapping[str, str],
+    *args: str,
+    ready: bool = True,
+) -> WorkerProcess:
+    """Start a worker (added to ``workers``, the fixture that kills them at teardown);
+    with ``ready``, wait until it consumes its queue."""
+    w = WorkerProcess(tmp_path / f"worker{len(workers)}.log", settings, args)
+    workers.append(w)
+    if ready:
+        w.wait_ready()
+    return w

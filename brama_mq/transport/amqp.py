@@ -364,6 +364,62 @@ class _FrameReader:
         self.pos = 0
 
 
+class _DeliverAssembler:
+    """A basic.deliver put together from its method, header and body frames, as py-amqp's
+    frame handler would, for the links that read their consume channel themselves."""
+
+    __slots__ = ("_args", "_chunks", "_properties", "_received", "_size")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget a delivery half-received on a connection that is gone."""
+        self._args: tuple[str, int, bool, str, str] | None = None
+        self._properties: dict[str, Any] | None = None
+        self._size = 0
+        self._chunks: list[bytes] = []
+        self._received = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a delivery's content frames are still coming."""
+        return self._args is not None
+
+    def feed(
+        self, frame: tuple[int, int, bytes]
+    ) -> tuple[tuple[str, int, bool, str, str], dict[str, Any], Any] | None:
+        """Take one frame (the first must be the basic.deliver method frame, checked by
+        the caller); ``(args, properties, body)`` once the delivery is complete."""
+        frame_type, _, payload = frame
+        args = self._args
+        body: Any
+        if args is None:
+            self._args = _deliver_args(payload)
+            return None
+        if frame_type == 2 and self._properties is None:
+            from amqp.serialization import decode_properties_basic
+
+            self._size = _BODY_SIZE.unpack_from(payload, 4)[0]
+            self._properties = decode_properties_basic(payload, 12)[0]
+            if self._size:
+                return None
+            body = b""
+        elif frame_type == 3 and self._properties is not None:
+            chunks = self._chunks
+            chunks.append(payload)
+            self._received += len(payload)
+            if self._received < self._size:
+                return None
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        else:
+            expected = 2 if self._properties is None else 3
+            raise _unexpected(f"Received frame {frame_type} while expecting type: {expected}")
+        properties = self._properties
+        self.reset()
+        return args, properties, body
+
+
 def _deliver_args(payload: bytes) -> tuple[str, int, bool, str, str]:
     """basic.deliver's arguments (consumer tag, delivery tag, redelivered, exchange,
     routing key) from its method frame, decoded as py-amqp's ``loads("sLbss", ...)``."""
@@ -801,9 +857,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         self._confirm: Any = None
         self._consume: Any = None
         self._reader: _FrameReader | None = None
-        #: A basic.deliver whose content frames are still coming: [args, properties,
-        #: body size, body chunks, bytes received]; see _on_consume_frame.
-        self._partial: list[Any] | None = None
+        self._assembler = _DeliverAssembler()
         self._handed = 0
         self._stats = {
             "published": 0,
@@ -846,7 +900,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         )
         self._plain, self._confirm, self._consume = plain, confirm, consume
         self._reader = _install_reader(conn)
-        self._partial = None
+        self._assembler.reset()
         for pending in self._tracker.restart():
             self._send_pending(pending)
             self._stats["republished"] += 1
@@ -855,7 +909,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         self._buffer.clear()
         self._plain = self._confirm = self._consume = None
         self._reader = None
-        self._partial = None
+        self._assembler.reset()
 
     def _drain_nowait(self, enough: Callable[[], bool]) -> None:
         """Process frames already received without waiting, until ``enough()``.
@@ -890,8 +944,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
                     return
                 continue
             if frame[1] == consume_id and (
-                self._partial is not None
-                or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
+                self._assembler.busy or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
             ):
                 conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
                 on_consume(frame)
@@ -930,37 +983,13 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
     def _on_consume_frame(self, frame: tuple[int, int, bytes]) -> None:
         """A frame of a basic.deliver on the consume channel, assembled and handed to the
         consumer callback as py-amqp's frame handler and Channel would, without them."""
-        frame_type, _, payload = frame
-        partial = self._partial
-        body: Any
-        if partial is None:  # the method frame (checked by the caller)
-            self._partial = [_deliver_args(payload), None, 0, [], 0]
+        done = self._assembler.feed(frame)
+        if done is None:
             return
-        if frame_type == 2 and partial[1] is None:
-            size = _BODY_SIZE.unpack_from(payload, 4)[0]
-            from amqp.serialization import decode_properties_basic
-
-            partial[1] = decode_properties_basic(payload, 12)[0]
-            partial[2] = size
-            if size:
-                return
-            body = b""
-        elif frame_type == 3 and partial[1] is not None:
-            chunks: list[bytes] = partial[3]
-            chunks.append(payload)
-            partial[4] += len(payload)
-            if partial[4] < partial[2]:
-                return
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        else:
-            expected = 2 if partial[1] is None else 3
-            raise _unexpected(f"Received frame {frame_type} while expecting type: {expected}")
-        self._partial = None
+        (consumer_tag, delivery_tag, redelivered, exchange, routing_key), properties, body = done
         consume = self._consume
         if consume.is_closing:
             return  # py-amqp ignores what arrives on a closing channel
-        consumer_tag, delivery_tag, redelivered, exchange, routing_key = partial[0]
-        properties: dict[str, Any] = partial[1] if partial[1] is not None else {}
         if consume.auto_decode and "content_encoding" in properties:
             with contextlib.suppress(Exception):  # as py-amqp: keep the bytes if it fails
                 body = body.decode(properties["content_encoding"])
@@ -1332,9 +1361,7 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         self._confirm: Any = None
         self._returned = False
         self._reader: _FrameReader | None = None
-        #: A basic.deliver whose content frames are still coming: [args, properties,
-        #: body size, body chunks, bytes received]; see _on_deliver_frame.
-        self._partial: list[Any] | None = None
+        self._assembler = _DeliverAssembler()
         self._consume_id = -1
         self._consumer_tag = ""
         self._stale_acks = 0
@@ -1395,7 +1422,7 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
             self._name, callback=self._on_delivery, on_cancel=self._on_cancel
         )
         self._channel = ch
-        self._partial = None
+        self._assembler.reset()
         # Only on a native socket: gevent's and eventlet's wait inside recv(MSG_DONTWAIT)
         # instead of failing with EAGAIN, which would stall this source's waits.
         native = isinstance(getattr(conn.transport, "sock", None), _socket.socket)
@@ -1417,7 +1444,7 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         self._buffer.clear()
         self._channel = self._confirm = None
         self._reader = None
-        self._partial = None
+        self._assembler.reset()
         self._consume_id = -1
 
     def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
@@ -1502,7 +1529,7 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
                         return
                     continue
                 if frame[1] == consume_id and (
-                    self._partial is not None
+                    self._assembler.busy
                     or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
                 ):
                     conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
@@ -1537,8 +1564,7 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         while True:
             frame = reader.read_frame(*args)
             if frame[1] == self._consume_id and (
-                self._partial is not None
-                or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
+                self._assembler.busy or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
             ):
                 conn.bytes_recv += 1
                 self._on_deliver_frame(frame)
@@ -1548,37 +1574,13 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
     def _on_deliver_frame(self, frame: tuple[int, int, bytes]) -> None:
         """A frame of a basic.deliver on the consume channel, assembled into a Delivery
         with what py-amqp's frame handler, Channel and :func:`_to_delivery` would make."""
-        frame_type, _, payload = frame
-        partial = self._partial
-        body: Any
-        if partial is None:  # the method frame (checked by the caller)
-            self._partial = [_deliver_args(payload), None, 0, [], 0]
+        done = self._assembler.feed(frame)
+        if done is None:
             return
-        if frame_type == 2 and partial[1] is None:
-            size = _BODY_SIZE.unpack_from(payload, 4)[0]
-            from amqp.serialization import decode_properties_basic
-
-            partial[1] = decode_properties_basic(payload, 12)[0]
-            partial[2] = size
-            if size:
-                return
-            body = b""
-        elif frame_type == 3 and partial[1] is not None:
-            chunks: list[bytes] = partial[3]
-            chunks.append(payload)
-            partial[4] += len(payload)
-            if partial[4] < partial[2]:
-                return
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        else:
-            expected = 2 if partial[1] is None else 3
-            raise _unexpected(f"Received frame {frame_type} while expecting type: {expected}")
-        self._partial = None
+        (consumer_tag, delivery_tag, redelivered, exchange, routing_key), props, body = done
         channel = self._channel
         if channel is None or channel.is_closing:
             return  # py-amqp ignores what arrives on a closing channel
-        consumer_tag, delivery_tag, redelivered, exchange, routing_key = partial[0]
-        props: dict[str, Any] = partial[1] if partial[1] is not None else {}
         if consumer_tag != self._consumer_tag:  # as py-amqp: nobody consumes with that tag
             log.warning("rejecting delivery %s for unknown consumer %r", delivery_tag,
                         consumer_tag)
