@@ -166,6 +166,15 @@ class Admin:
         for exchange, key in bind:
             self.ch.queue_bind(name, exchange, key)
 
+    def topology(self, topo: Any) -> None:
+        """Everything ``brama-mq worker`` declares for ``topo``, as the transport declares
+        it (so the bench never drifts from the real arguments); all deleted at cleanup."""
+        from brama_mq.transport.topology import declare_topology
+
+        declare_topology(self.ch, topo)
+        self.exchanges += [name for name, _ in topo.exchanges()]
+        self.queues += topo.queue_names()
+
     def count(self, name: str) -> int:
         return int(self.ch.queue_declare(name, passive=True).message_count)
 
@@ -597,19 +606,10 @@ def part_relay(p: Params) -> dict[str, Any]:
     admin = Admin(p.url)
     relay_queue, relay_exchange = f"{prefix}.relay", f"{prefix}.relay-events"
     try:
-        for name, kind in topo.exchanges():
-            admin.exchange(name, kind)
+        admin.topology(topo)
         admin.exchange(relay_exchange, "topic")
-        args = topo.owner_queue_arguments()
-        admin.queue(
-            topo.owner_queue(), bind=[(topo.commands_exchange, "owner")], arguments=dict(args)
-        )
-        admin.queue(relay_queue, bind=[(topo.commands_exchange, "relay")], arguments=dict(args))
-        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")],
-                    arguments=topo.dead_queue_arguments())
-        admin.queue(topo.shard_record, arguments=topo.shard_record_arguments())
-        for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
-            admin.queue(stream, arguments=stream_args)
+        admin.queue(relay_queue, bind=[(topo.commands_exchange, "relay")],
+                    arguments=topo.owner_queue_arguments())
 
         names = [f"a{i:05d}" for i in range(p.conns)]
         relays: list[dict[str, Any]] = []
@@ -741,18 +741,7 @@ def part_storm(p: Params) -> dict[str, Any]:
     admin = Admin(p.url)
     sink, sync_sink = f"{prefix}.critical-sink", f"{prefix}.sync-sink"
     try:
-        for name, kind in topo.exchanges():
-            admin.exchange(name, kind)
-        admin.queue(
-            topo.owner_queue(),
-            bind=[(topo.commands_exchange, "owner")],
-            arguments=topo.owner_queue_arguments(),
-        )
-        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")],
-                    arguments=topo.dead_queue_arguments())
-        admin.queue(topo.shard_record, arguments=topo.shard_record_arguments())
-        for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
-            admin.queue(stream, arguments=stream_args)
+        admin.topology(topo)
         ev = topo.events_exchange
         admin.queue(sink, bind=[(ev, "#.state_change"), (ev, "#.circuit_opened")])
         admin.queue(sync_sink, bind=[(ev, "sync.baseline.confirm")])
@@ -839,18 +828,7 @@ def part_latency(p: Params) -> dict[str, Any]:
     client: Brama | None = None
     transport: AmqpTransport | None = None
     try:
-        for name, kind in topo.exchanges():
-            admin.exchange(name, kind)
-        admin.queue(
-            topo.owner_queue(),
-            bind=[(topo.commands_exchange, "owner")],
-            arguments=topo.owner_queue_arguments(),
-        )
-        admin.queue(topo.dead_queue, bind=[(topo.dead_exchange, "")],
-                    arguments=topo.dead_queue_arguments())
-        admin.queue(topo.shard_record, arguments=topo.shard_record_arguments())
-        for stream, stream_args in topo.streams():  # the owner's journal: deleted at the end
-            admin.queue(stream, arguments=stream_args)
+        admin.topology(topo)
         sub = Child(
             "subscriber",
             {

@@ -1222,17 +1222,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         pending = self._tracker.new(self._t.topology.dead_exchange, delivery.routing_key, msg)
         self._stats["published"] += 1
         self._stats["dead_lettered"] += 1
-        try:
-            self._ensure()
-        except BramaError:
-            self._tracker.defer(pending)  # sent when a later call reconnects
-            raise
-        try:
-            self._send_pending(pending)
-        except BramaError:
-            raise
-        except RECOVERABLE_ERRORS as exc:
-            self._recover(exc)  # republishes it
+        self._send_confirmed(pending)
 
     def append(self, stream: str, body: bytes) -> None:
         """Publish a journal or snapshot record to ``stream`` (default exchange),
@@ -1241,6 +1231,10 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         pending = self._tracker.new("", stream, msg)
         self._stats["published"] += 1
         self._stats["appended"] += 1
+        self._send_confirmed(pending)
+
+    def _send_confirmed(self, pending: _Pending) -> None:
+        """Send a tracked publish now, or keep it for the reconnect that resends it."""
         try:
             self._ensure()
         except BramaError:
