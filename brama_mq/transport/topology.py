@@ -36,7 +36,9 @@ DEFAULT_DELIVERY_LIMIT = 20
 #: segments, oldest first, once a stream is over its size. A snapshot is written every
 #: few seconds, so only the tail after the newest one is ever read back.
 JOURNAL_MAX_BYTES = 256 * 1024 * 1024
-SNAPSHOT_MAX_BYTES = 64 * 1024 * 1024
+#: At least two complete snapshots of a 1,000,000-connection registry (a part record
+#: compresses to 18-60 bytes a connection) plus a segment: docs/architecture.md.
+SNAPSHOT_MAX_BYTES = 256 * 1024 * 1024
 STREAM_SEGMENT_BYTES = 8 * 1024 * 1024
 #: How RabbitMQ words an inequivalent ``x-max-length`` (3.8 to 3.13 at least):
 #: ``... for queue 'p.shards' in vhost '/': received '3' but current is '2'``.
