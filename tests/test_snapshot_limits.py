@@ -44,7 +44,7 @@ def node(
 
 def _limit_is_enforced(url: str) -> bool:
     """Whether the node refuses a message just over LIMIT (PRECONDITION_FAILED)."""
-    conn = amqp.Connection(url.split("//")[1].split("@")[1].rstrip("/"),
+    conn = amqp.Connection(url.split("@")[1].rstrip("/"),
                            userid="guest", password="guest")
     conn.connect()
     try:
@@ -132,6 +132,34 @@ def test_a_registry_over_the_message_size_limit_survives_restarts(
         client.disconnect()
         for w in workers:
             w.close()
+        with contextlib.suppress(Exception):
+            transport.delete_topology()
+        transport.close()
+
+
+def test_a_snapshot_stream_of_an_earlier_version_is_used_as_it_is(
+    node: brokers.PrivateNode, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot stream declared with the old 64 MiB retention does not stop the
+    transport from declaring (stream arguments cannot change): kept, with a warning."""
+    topology = Topology(prefix)
+    stream = topology.snapshot_stream(None)
+    conn = amqp.Connection(node.url.split("@")[1].rstrip("/"), userid="guest",
+                           password="guest")
+    conn.connect()
+    try:
+        conn.channel().queue_declare(stream, durable=True, auto_delete=False, arguments={
+            "x-queue-type": "stream", "x-max-length-bytes": 64 * 1024 * 1024,
+            "x-stream-max-segment-size-bytes": 8 * 1024 * 1024})
+    finally:
+        conn.close()
+    transport = AmqpTransport(node.url, topology, connect_timeout=2, reconnect_timeout=5)
+    try:
+        with caplog.at_level("WARNING", logger="brama_mq.transport"):
+            transport.declare()
+        assert f"stream {stream} exists with x-max-length-bytes=67108864" in caplog.text
+        assert latest_snapshot(transport, stream, prefix) is None
+    finally:
         with contextlib.suppress(Exception):
             transport.delete_topology()
         transport.close()
