@@ -67,6 +67,7 @@ from brama_mq.transport.base import (
     OwnerLink,
     Transport,
 )
+from brama_mq.transport.topology import JOURNAL_MAX_BYTES
 
 log = logging.getLogger("brama_mq.owner")
 
@@ -85,6 +86,11 @@ _STANDBY_POLL_S = 0.05
 #: A takeover gives up (and is tried again) once the journal sends nothing this long.
 _CATCH_UP_TIMEOUT_S = 60.0
 _RETRY_TAKEOVER_S = 1.0
+#: Snapshots wait at least this many times as long as the last one took to write.
+_SNAPSHOT_DUTY = 5.0
+#: A snapshot is due once this much journal was written since the last one, whatever
+#: the interval: the journal never drops what the newest snapshot does not cover.
+_JOURNAL_BYTES_PER_SNAPSHOT = JOURNAL_MAX_BYTES // 4
 _MAX_OUTAGE_PAUSE_S = 5.0
 _T_START = ("brama", "owner", "start")
 _T_STOP = ("brama", "owner", "stop")
@@ -204,6 +210,8 @@ class Owner:
         self._outages_in_a_row = 0
         self._last_snapshot = time.monotonic()
         self._snapshot_n = -1
+        self._snapshot_took = 0.0  # how long the last snapshot took to write
+        self._journal_bytes = 0  # journal written since the last snapshot
         self._journal_stream = transport.topology.journal_stream(shard)
         self._snapshot_stream = transport.topology.snapshot_stream(shard)
         self.prefetch = prefetch
@@ -428,9 +436,9 @@ class Owner:
         jw = self._jw
         if jw:
             self._n += 1
-            _jl(link).append(
-                self._journal_stream, jw.take(self._n, self._token, self._acked_n)
-            )
+            record = jw.take(self._n, self._token, self._acked_n)
+            self._journal_bytes += len(record)
+            _jl(link).append(self._journal_stream, record)
             self.stats.journal_batches += 1
 
     def _advance(self, now: int) -> Advance:
@@ -444,13 +452,17 @@ class Owner:
         return engine.advance(now)
 
     def _maybe_snapshot(self, link: OwnerLink) -> None:
+        """Snapshot every ``snapshot_interval``, but no more often than keeps writing
+        snapshots under a sixth of the owner's time (a big registry takes seconds), and
+        sooner once the journal since the last one nears a quarter of its retention."""
         if self._n == self._snapshot_n:
             return
         age = time.monotonic() - self._last_snapshot
-        if age < self.snapshot_interval:
+        interval = max(self.snapshot_interval, _SNAPSHOT_DUTY * self._snapshot_took)
+        if age < interval and self._journal_bytes < _JOURNAL_BYTES_PER_SNAPSHOT:
             return
         if self._inflight:
-            if age < 3 * self.snapshot_interval:
+            if age < 3 * interval and self._journal_bytes < 2 * _JOURNAL_BYTES_PER_SNAPSHOT:
                 return  # wait for a moment with every batch confirmed
             self._settle(link, block=True)
             if _jl(link).epoch != self._active_epoch:
@@ -470,6 +482,8 @@ class Owner:
             _jl(link).append(self._snapshot_stream, body)
             parts += 1
         self._last_snapshot = time.monotonic()
+        self._snapshot_took = self._last_snapshot - started
+        self._journal_bytes = 0
         self._snapshot_n = self._n
         self.stats.snapshots += 1
         log.debug("snapshot of %d connections in %d parts after journal batch %d (%.3f s)",
