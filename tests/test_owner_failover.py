@@ -253,3 +253,25 @@ def test_a_takeover_record_that_never_comes_back_is_retried_not_fatal(
     finally:
         client.disconnect()
         owner.stop(wait=10)
+
+
+def test_a_snapshot_is_due_once_enough_journal_was_written(
+    memory_transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However long the interval, the owner snapshots once the journal since the last
+    snapshot reaches its budget, so retention never drops records no snapshot covers."""
+    from brama_mq.owner import service
+
+    monkeypatch.setattr(service, "_JOURNAL_BYTES_PER_SNAPSHOT", 2_000)
+    owner = run_owner(memory_transport, snapshot_interval=3_600.0)
+    client = Brama(transport=memory_transport)
+    try:
+        client.register("x", scope="s", wait=True, max_attempts=1_000)
+        before = owner.stats.snapshots
+        for i in range(40):
+            client.failure("x", scope="s", wait=True, reason=f"r{i:04d}" * 5)
+        _wait(lambda: owner.stats.snapshots > before)
+        assert owner._journal_bytes < 2_000 + 1_000
+    finally:
+        client.disconnect()
+        owner.stop(wait=10)
