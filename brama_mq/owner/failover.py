@@ -71,7 +71,11 @@ class SnapshotAssembler:
             log.warning("ignoring snapshot record %d of %s: %s", offset, self.stream, exc)
             return
         if part is None:  # version 1: one record; its lineage is checked when decoded
-            self._done(body)
+            if body.lstrip()[:1] == b"{":
+                self._done(body)
+            else:
+                log.warning("ignoring snapshot record %d of %s: not a snapshot", offset,
+                            self.stream)
             return
         if part.lineage != self.lineage:
             return
