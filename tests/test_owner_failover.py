@@ -219,3 +219,59 @@ def test_memory_streams_drop_their_oldest_records_past_their_size() -> None:
     assert (stream.first, stream.end, stream.size) == (6, 8, 8)
     assert stream.read_from(0) == [(6, b"abcd"), (7, b"abcd")]
     assert stream.offset_at(7) == 7 and stream.offset_at(99) == 8
+
+
+def test_a_takeover_record_that_never_comes_back_is_retried_not_fatal(
+    memory_transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the journal sends nothing while the owner waits for its takeover record, the
+    owner steps down and takes over again with the deliveries it held (never raises
+    out of run()); the commands are applied once."""
+    from brama_mq.owner import service
+    from brama_mq.transport.memory import MemoryOwnerLink
+
+    monkeypatch.setattr(service, "_CATCH_UP_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(service, "_RETRY_TAKEOVER_S", 0.05)
+    real_append = MemoryOwnerLink.append
+    dropped: list[bytes] = []
+
+    def lossy_append(self: Any, stream: str, body: bytes) -> None:
+        if b'"t":"takeover"' in body and not dropped:
+            dropped.append(body)  # lost on the way: the owner waits in vain
+            return
+        real_append(self, stream, body)
+
+    monkeypatch.setattr(MemoryOwnerLink, "append", lossy_append)
+    owner = run_owner(memory_transport)
+    client = Brama(transport=memory_transport)
+    try:
+        client.register("x", scope="s", wait=True)
+        client.failure("x", scope="s")
+        assert client.status("x", scope="s")["failure_count"] == 1
+        assert dropped and owner.active and not owner.done.is_set()
+        assert owner.stats.takeovers == 1 and owner.stats.duplicates == 0
+    finally:
+        client.disconnect()
+        owner.stop(wait=10)
+
+
+def test_a_snapshot_is_due_once_enough_journal_was_written(
+    memory_transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However long the interval, the owner snapshots once the journal since the last
+    snapshot reaches its budget, so retention never drops records no snapshot covers."""
+    from brama_mq.owner import service
+
+    monkeypatch.setattr(service, "_JOURNAL_BYTES_PER_SNAPSHOT", 2_000)
+    owner = run_owner(memory_transport, snapshot_interval=3_600.0)
+    client = Brama(transport=memory_transport)
+    try:
+        client.register("x", scope="s", wait=True, max_attempts=1_000)
+        before = owner.stats.snapshots
+        for i in range(40):
+            client.failure("x", scope="s", wait=True, reason=f"r{i:04d}" * 5)
+        _wait(lambda: owner.stats.snapshots > before)
+        assert owner._journal_bytes < 2_000 + 1_000
+    finally:
+        client.disconnect()
+        owner.stop(wait=10)

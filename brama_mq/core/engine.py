@@ -15,7 +15,7 @@ import hashlib
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -652,6 +652,30 @@ class Engine:
             "removed_seq": last_seq,
             "next_lease": self._next_lease,
         }
+
+    def snapshot_header(self) -> dict[str, Any]:
+        """:meth:`snapshot` without its connections (see :meth:`dump_connections`)."""
+        return {
+            "v": _SNAPSHOT_VERSION,
+            "lineage": self.lineage,
+            "defaults": self.defaults.to_options(),
+            "connections": [],
+            "removed_seq": [[k[0], k[1], s] for k, s in self._last_seq.items()],
+            "next_lease": self._next_lease,
+        }
+
+    def dump_connections(self, size: int) -> Iterator[list[dict[str, Any]]]:
+        """The connections as :meth:`snapshot` dumps them, ``size`` at a time: a big
+        registry is written in parts without a copy of all of it. Do not change the
+        engine while iterating."""
+        part: list[dict[str, Any]] = []
+        for c in self._conns.values():
+            part.append(_dump(c))
+            if len(part) >= size:
+                yield part
+                part = []
+        if part:
+            yield part
 
     @classmethod
     def restore(cls, snapshot: Mapping[str, Any]) -> Engine:

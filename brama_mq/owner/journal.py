@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
+import zlib
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -219,12 +221,21 @@ def replay(engine: Engine, batch: JournalBatch, applied: AppliedIds | None = Non
 
 
 # ---------------------------------------------------------------------- snapshots
+#: A snapshot is written as parts of this many connections each: a part compresses to
+#: well under a megabyte, far below RabbitMQ's ``max_message_size`` (128 MiB default).
+SNAPSHOT_PART_CONNECTIONS: Final = 10_000
+SNAPSHOT_PART_VERSION: Final = 2
+#: A part record: this magic, a one-line JSON header, then zlib-compressed JSON. The
+#: header tells a reader which snapshot and part it is without decompressing anything.
+PART_MAGIC: Final = b"BSNP2\n"
+
+
 def encode_snapshot(
     engine: Engine, applied: AppliedIds, *, owner: str, n: int, kind: str, ts: int,
     keep_ids: int = 5_000,
 ) -> bytes:
-    """The registry as it is right after the record ``(kind, owner, n)``, whose batches
-    are all confirmed; ``ts`` (epoch ms) tells a reader where to start looking for it."""
+    """The registry as ONE record (version 1): what owners wrote before snapshots came in
+    parts; still read (:meth:`Snapshot.decode`), no longer written by the owner."""
     doc = {
         "v": SNAPSHOT_VERSION,
         "lineage": engine.lineage,
@@ -234,6 +245,82 @@ def encode_snapshot(
         "applied": applied.dump(keep_ids),
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _part_record(header: dict[str, Any], payload: dict[str, Any]) -> bytes:
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return PART_MAGIC + head + b"\n" + zlib.compress(body, 6)
+
+
+def encode_snapshot_parts(
+    engine: Engine, applied: AppliedIds, *, owner: str, n: int, kind: str, ts: int,
+    keep_ids: int = 5_000, part_size: int = SNAPSHOT_PART_CONNECTIONS,
+    snapshot_id: str | None = None,
+) -> Iterator[bytes]:
+    """The registry as it is right after the record ``(kind, owner, n)`` (whose batches
+    are all confirmed), as part records in order (docs/protocol.md, "Snapshots").
+
+    Part 0 carries ``after``, ``applied`` and the engine's fields but its connections;
+    the last part's header says ``"last": true``. ``ts`` (epoch ms) tells a reader where
+    to look for the parts and the record. Lazy, one part at a time: a big registry is
+    never copied whole. The engine must not change until the iterator is done.
+    """
+    sid = snapshot_id or uuid.uuid4().hex[:16]
+    first: dict[str, Any] = {
+        "after": {"t": kind, "o": owner, "n": n},
+        "applied": applied.dump(keep_ids),
+        "engine": engine.snapshot_header(),
+    }
+
+    def record(index: int, conns: list[dict[str, Any]], last: bool) -> bytes:
+        header = {"v": SNAPSHOT_PART_VERSION, "id": sid, "lineage": engine.lineage,
+                  "ts": ts, "i": index, "last": last}
+        payload = dict(first) if index == 0 else {}
+        payload["connections"] = conns
+        return _part_record(header, payload)
+
+    held: list[dict[str, Any]] | None = None
+    index = 0
+    for conns in engine.dump_connections(max(1, part_size)):
+        if held is not None:
+            yield record(index, held, False)
+            index += 1
+        held = conns
+    yield record(index, held or [], True)
+
+
+@dataclass(slots=True)
+class SnapshotPart:
+    """One part record, its header read and its payload still compressed."""
+
+    id: str
+    lineage: str
+    ts: int
+    index: int
+    last: bool
+    data: bytes
+
+    @classmethod
+    def parse(cls, body: bytes) -> SnapshotPart | None:
+        """The part ``body`` is (None if it is not a part record: a version-1 snapshot).
+        ValueError if it claims to be a part but its header is broken."""
+        if not body.startswith(PART_MAGIC):
+            return None
+        end = body.find(b"\n", len(PART_MAGIC))
+        if end < 0:
+            raise ValueError("snapshot part without a header line")
+        head = json.loads(body[len(PART_MAGIC):end])
+        if not isinstance(head, dict) or head.get("v") != SNAPSHOT_PART_VERSION:
+            raise ValueError(f"unsupported snapshot part header {head!r:.80}")
+        return cls(str(head["id"]), str(head["lineage"]), int(head["ts"]), int(head["i"]),
+                   bool(head["last"]), body[end + 1:])
+
+    def payload(self) -> dict[str, Any]:
+        doc = json.loads(zlib.decompress(self.data))
+        if not isinstance(doc, dict) or not isinstance(doc.get("connections"), list):
+            raise ValueError(f"snapshot {self.id} part {self.index} has no connections")
+        return doc
 
 
 @dataclass(slots=True)
@@ -249,6 +336,7 @@ class Snapshot:
 
     @classmethod
     def decode(cls, body: bytes) -> Snapshot:
+        """A version-1 (single record) snapshot."""
         doc = json.loads(body)
         if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
             raise ValueError("unsupported snapshot version")
@@ -258,6 +346,34 @@ class Snapshot:
         return cls(
             Engine.restore(doc["engine"]), applied, str(after["t"]), str(after["o"]),
             int(after["n"]), int(doc["ts"]),
+        )
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[SnapshotPart]) -> Snapshot:
+        """Assemble a complete snapshot: parts 0..k of one id, the last one marked last.
+        The parts are decompressed one at a time while the engine is rebuilt."""
+        if not parts or not parts[-1].last or any(
+            p.index != i or p.id != parts[0].id for i, p in enumerate(parts)
+        ):
+            raise ValueError("incomplete snapshot: parts missing or out of order")
+        first = parts[0].payload()
+        after = first["after"]
+        lineage = parts[0].lineage
+
+        def connections() -> Iterator[Any]:
+            yield from first.pop("connections")
+            for part in parts[1:]:
+                yield from part.payload()["connections"]
+
+        header = dict(first["engine"])
+        if header.get("lineage") != lineage:
+            raise ValueError(f"snapshot {parts[0].id}: engine lineage differs from its header")
+        header["connections"] = connections()
+        applied = AppliedIds()
+        applied.load(first.get("applied", []))
+        return cls(
+            Engine.restore(header), applied, str(after["t"]), str(after["o"]),
+            int(after["n"]), parts[0].ts,
         )
 
 

@@ -47,8 +47,15 @@ from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Advance, Engine, R
 from brama_mq.core.events import Event
 from brama_mq.core.routing import routing_key
 from brama_mq.errors import BramaError, BrokerUnavailableError, ProtocolError, TransportError
-from brama_mq.owner.failover import Replica, supports_journal
-from brama_mq.owner.journal import BATCH, TAKEOVER, AppliedIds, JournalWriter, encode_snapshot
+from brama_mq.owner.failover import CatchUpStalled, Replica, supports_journal
+from brama_mq.owner.journal import (
+    BATCH,
+    SNAPSHOT_PART_CONNECTIONS,
+    TAKEOVER,
+    AppliedIds,
+    JournalWriter,
+    encode_snapshot_parts,
+)
 from brama_mq.owner.queries import answer_query
 from brama_mq.protocol import QUERY_OPS, Reply, decode_command, encode_event, encode_reply
 from brama_mq.transport.base import (
@@ -60,6 +67,7 @@ from brama_mq.transport.base import (
     OwnerLink,
     Transport,
 )
+from brama_mq.transport.topology import JOURNAL_MAX_BYTES
 
 log = logging.getLogger("brama_mq.owner")
 
@@ -75,7 +83,14 @@ _CONFIRM_TIMEOUT_S = 30.0
 _PING_EVERY_S = 0.5
 #: How long a standby waits for journal records per turn (it also checks the queue).
 _STANDBY_POLL_S = 0.05
+#: A takeover gives up (and is tried again) once the journal sends nothing this long.
 _CATCH_UP_TIMEOUT_S = 60.0
+_RETRY_TAKEOVER_S = 1.0
+#: Snapshots wait at least this many times as long as the last one took to write.
+_SNAPSHOT_DUTY = 5.0
+#: A snapshot is due once this much journal was written since the last one, whatever
+#: the interval: the journal never drops what the newest snapshot does not cover.
+_JOURNAL_BYTES_PER_SNAPSHOT = JOURNAL_MAX_BYTES // 4
 _MAX_OUTAGE_PAUSE_S = 5.0
 _T_START = ("brama", "owner", "start")
 _T_STOP = ("brama", "owner", "stop")
@@ -169,6 +184,7 @@ class Owner:
         on_events: Callable[[Sequence[Event]], None] | None = None,
         journal: bool = True,
         snapshot_interval: float = 10.0,
+        snapshot_part_size: int = SNAPSHOT_PART_CONNECTIONS,
     ) -> None:
         self.transport = transport
         self._initial_engine = engine
@@ -177,6 +193,8 @@ class Owner:
         #: restarts keep the registry. Off: the pre-failover owner, state in memory only.
         self.journal = journal
         self.snapshot_interval = snapshot_interval
+        #: Connections per snapshot record (a snapshot is several records).
+        self.snapshot_part_size = snapshot_part_size
         self.applied = AppliedIds()
         self._journaled = False
         self._active = False
@@ -192,6 +210,8 @@ class Owner:
         self._outages_in_a_row = 0
         self._last_snapshot = time.monotonic()
         self._snapshot_n = -1
+        self._snapshot_took = 0.0  # how long the last snapshot took to write
+        self._journal_bytes = 0  # journal written since the last snapshot
         self._journal_stream = transport.topology.journal_stream(shard)
         self._snapshot_stream = transport.topology.snapshot_stream(shard)
         self.prefetch = prefetch
@@ -362,7 +382,15 @@ class Owner:
         assert replica is not None and self._jw is not None
         token = uuid.uuid4().hex[:16]
         _jl(link).append(self._journal_stream, self._jw.takeover(token))
-        replica.catch_up(token, _CATCH_UP_TIMEOUT_S, self._stop.is_set)
+        try:
+            replica.catch_up(token, _CATCH_UP_TIMEOUT_S, self._stop.is_set)
+        except CatchUpStalled as exc:
+            # The deliveries stay ours, unacked: the next takeover serves them first.
+            log.warning("takeover failed (%s); standing by and trying again", exc)
+            self._held = held
+            self._step_down(str(exc))
+            self._stop.wait(_RETRY_TAKEOVER_S)
+            return
         follower = replica.follower
         engine = follower.engine
         if (
@@ -408,9 +436,9 @@ class Owner:
         jw = self._jw
         if jw:
             self._n += 1
-            _jl(link).append(
-                self._journal_stream, jw.take(self._n, self._token, self._acked_n)
-            )
+            record = jw.take(self._n, self._token, self._acked_n)
+            self._journal_bytes += len(record)
+            _jl(link).append(self._journal_stream, record)
             self.stats.journal_batches += 1
 
     def _advance(self, now: int) -> Advance:
@@ -424,13 +452,17 @@ class Owner:
         return engine.advance(now)
 
     def _maybe_snapshot(self, link: OwnerLink) -> None:
+        """Snapshot every ``snapshot_interval``, but no more often than keeps writing
+        snapshots under a sixth of the owner's time (a big registry takes seconds), and
+        sooner once the journal since the last one nears a quarter of its retention."""
         if self._n == self._snapshot_n:
             return
         age = time.monotonic() - self._last_snapshot
-        if age < self.snapshot_interval:
+        interval = max(self.snapshot_interval, _SNAPSHOT_DUTY * self._snapshot_took)
+        if age < interval and self._journal_bytes < _JOURNAL_BYTES_PER_SNAPSHOT:
             return
         if self._inflight:
-            if age < 3 * self.snapshot_interval:
+            if age < 3 * interval and self._journal_bytes < 2 * _JOURNAL_BYTES_PER_SNAPSHOT:
                 return  # wait for a moment with every batch confirmed
             self._settle(link, block=True)
             if _jl(link).epoch != self._active_epoch:
@@ -438,17 +470,24 @@ class Owner:
         self._snapshot(link)
 
     def _snapshot(self, link: OwnerLink) -> None:
-        """Append the registry to the snapshot stream; every batch so far is confirmed."""
+        """Append the registry to the snapshot stream, in parts (every batch so far is
+        confirmed; the engine does not change until the last part is handed over)."""
         kind = BATCH if self._n > self._base_n else TAKEOVER
-        body = encode_snapshot(
+        started = time.monotonic()
+        parts = 0
+        for body in encode_snapshot_parts(
             self.engine, self.applied, owner=self._token, n=self._n, kind=kind,
-            ts=wall_clock_ms(),
-        )
-        _jl(link).append(self._snapshot_stream, body)
+            ts=wall_clock_ms(), part_size=self.snapshot_part_size,
+        ):
+            _jl(link).append(self._snapshot_stream, body)
+            parts += 1
         self._last_snapshot = time.monotonic()
+        self._snapshot_took = self._last_snapshot - started
+        self._journal_bytes = 0
         self._snapshot_n = self._n
         self.stats.snapshots += 1
-        log.debug("snapshot of %d connections after journal batch %d", len(self.engine), self._n)
+        log.debug("snapshot of %d connections in %d parts after journal batch %d (%.3f s)",
+                  len(self.engine), parts, self._n, self._last_snapshot - started)
 
     def step(self, link: OwnerLink) -> int:
         """One turn of the loop; returns how many deliveries it handled."""

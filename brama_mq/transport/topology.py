@@ -8,6 +8,7 @@ and routing keys without touching the broker. :func:`declare_topology` and
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -32,11 +33,15 @@ DEFAULT_PREFIX = "brama"
 #: Deliveries of one command before the quorum queue dead-letters it: a poison message
 #: that keeps crashing owners ends in ``{prefix}.dead`` instead of looping forever.
 DEFAULT_DELIVERY_LIMIT = 20
+_log = logging.getLogger("brama_mq.transport")
+
 #: Retention of the owner's journal and snapshot streams: the broker drops whole
 #: segments, oldest first, once a stream is over its size. A snapshot is written every
 #: few seconds, so only the tail after the newest one is ever read back.
 JOURNAL_MAX_BYTES = 256 * 1024 * 1024
-SNAPSHOT_MAX_BYTES = 64 * 1024 * 1024
+#: At least two complete snapshots of a 1,000,000-connection registry (a part record
+#: compresses to 18-60 bytes a connection) plus a segment: docs/architecture.md.
+SNAPSHOT_MAX_BYTES = 256 * 1024 * 1024
 STREAM_SEGMENT_BYTES = 8 * 1024 * 1024
 #: How RabbitMQ words an inequivalent ``x-max-length`` (3.8 to 3.13 at least):
 #: ``... for queue 'p.shards' in vhost '/': received '3' but current is '2'``.
@@ -366,7 +371,39 @@ def declare_topology(channel: AmqpChannelLike, topology: Topology) -> None:
                           arguments=topology.dead_queue_arguments())
     channel.queue_bind(topology.dead_queue, topology.dead_exchange, "")
     for stream, stream_args in topology.streams():
-        channel.queue_declare(stream, durable=True, auto_delete=False, arguments=stream_args)
+        try:
+            channel.queue_declare(stream, durable=True, auto_delete=False,
+                                  arguments=stream_args)
+        except Exception as exc:  # the broker's PRECONDITION_FAILED (kombu-free module)
+            _keep_older_stream(channel, stream, stream_args, exc)
+
+
+#: A stream declared by an earlier version with another retention (the snapshot stream
+#: grew from 64 to 256 MiB when snapshots came in parts).
+_STREAM_MISMATCH: Final = re.compile(
+    r"inequivalent arg 'x-max-length-bytes' for queue '(?P<queue>[^']*)'.*?"
+    r"current is (?:the value )?'(?P<stored>\d+)'"
+)
+
+
+def _keep_older_stream(
+    channel: AmqpChannelLike, stream: str, stream_args: dict[str, Any], exc: Exception
+) -> None:
+    """Use a stream that exists with another ``x-max-length-bytes`` as it is (a stream's
+    arguments cannot change; a policy can), saying so; re-raise anything else."""
+    m = _STREAM_MISMATCH.search(str(exc))
+    if m is None or m.group("queue") != stream:
+        raise exc
+    stored = int(m.group("stored"))
+    _log.warning(
+        "stream %s exists with x-max-length-bytes=%d, this version declares %d: using it "
+        "as it is (set a max-length-bytes policy on it, or delete it while no owner runs)",
+        stream, stored, stream_args["x-max-length-bytes"],
+    )
+    if not getattr(channel, "is_open", True):  # py-amqp reopens a channel the broker closed
+        channel.open()  # type: ignore[attr-defined]
+    channel.queue_declare(stream, durable=True, auto_delete=False,
+                          arguments={**stream_args, "x-max-length-bytes": stored})
 
 
 def declare_shard_record(channel: AmqpChannelLike, topology: Topology) -> None:
