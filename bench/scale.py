@@ -89,7 +89,7 @@ def parse(args: list[str]) -> Params:
     parser.add_argument("--conns", type=int, default=400, help="(a) connections")
     parser.add_argument("--repeat", type=int, default=5, help="(a) rounds of 1 vs 2 shards")
     parser.add_argument("--idle", type=int, default=300_000, help="(b) engine connections")
-    parser.add_argument("--owner-conns", type=int, default=100_000,
+    parser.add_argument("--owner-conns", type=int, default=300_000,
                         help="(b) connections registered in a real owner")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     ns = parser.parse_args(args)
