@@ -178,6 +178,8 @@ def test_two_prefixes_side_by_side_do_not_cross(
             tap.close()
         for client in clients:
             client.disconnect()
+        for w in workers:  # before the sweep: a live worker would declare it all again
+            w.close()
         for p in prefixes:
             assert not broker_registry.sweep(p)
 
