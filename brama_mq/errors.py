@@ -71,6 +71,11 @@ class BrokerUnavailableError(TransportError, ConnectionError):
     """The broker could not be reached (refused, reset, timed out)."""
 
 
+class BrokerStartingError(BrokerUnavailableError):
+    """The broker answers but is not fully up: a durable queue or stream whose home node
+    is still starting. Worth waiting for even on a process's first connection."""
+
+
 class ConfirmError(TransportError):
     """The broker did not confirm a critical publish (nack, or confirms timed out)."""
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 from amqp import exceptions as amqp_exc
 
-from brama_mq.errors import AccessRefusedError, BrokerUnavailableError, TransportError
+from brama_mq.errors import (
+    AccessRefusedError,
+    BrokerStartingError,
+    BrokerUnavailableError,
+    TransportError,
+)
 from brama_mq.transport.errors import map_error
 
 URL = "amqp://user:s3cret@127.0.0.1:5672//"
@@ -20,7 +25,7 @@ CASES = [
     ("queue home node down",
      amqp_exc.NotFound("Queue.declare: (404) NOT_FOUND - home node 'rabbit@x' of durable "
                        "queue 'p.journal' in vhost '/' is down or inaccessible"),
-     BrokerUnavailableError),
+     BrokerStartingError),
     ("queue really missing", amqp_exc.NotFound("NOT_FOUND - no queue 'p.owner' in vhost '/'"),
      TransportError),
     ("login refused", amqp_exc.AccessRefused("ACCESS_REFUSED - Login was refused"),

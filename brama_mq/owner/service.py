@@ -46,7 +46,13 @@ from brama_mq import telemetry
 from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Advance, Engine, Result
 from brama_mq.core.events import Event
 from brama_mq.core.routing import routing_key
-from brama_mq.errors import BramaError, BrokerUnavailableError, ProtocolError, TransportError
+from brama_mq.errors import (
+    BramaError,
+    BrokerStartingError,
+    BrokerUnavailableError,
+    ProtocolError,
+    TransportError,
+)
 from brama_mq.owner.failover import CatchUpStalled, Replica, supports_journal
 from brama_mq.owner.journal import (
     BATCH,
@@ -254,19 +260,14 @@ class Owner:
     def run(self) -> None:
         """Serve until ``stop()``; the batch in hand is finished and acked before returning.
 
-        Connecting the first time must succeed (BrokerUnavailableError otherwise); after
+        Connecting the first time must succeed (BrokerUnavailableError otherwise, so a
+        wrong URL fails fast), except that a broker still starting is waited for; after
         that an outage never ends the loop: the link retries (each attempt logged, with
         capped backoff) for as long as it takes.
         """
-        self.transport.declare()
-        link = self._link = self.transport.owner_link(prefetch=self.prefetch, shard=self.shard)
         try:
-            self._journaled = self.journal and supports_journal(self.transport, link)
-            if self._journaled:
-                self._jw = JournalWriter(self.engine.lineage)
-                self._standby(link)
+            link = self._start()
         except BaseException:
-            link.close()
             self.done.set()
             raise
         self.ready.set()
@@ -306,6 +307,39 @@ class Owner:
                                   self._t_meta())
             self.done.set()
             log.info("owner stopped")
+
+    def _start(self) -> OwnerLink:
+        """Declare, open the owner link and (journaled) restore the replica. A node that
+        accepts connections but whose queues are not up yet (BrokerStartingError, e.g.
+        right after a restart) is retried for one reconnect window."""
+        window = float(getattr(self.transport, "reconnect_timeout", 0.0))
+        deadline = time.monotonic() + window
+        attempt = 0
+        while True:
+            link: OwnerLink | None = None
+            try:
+                self.transport.declare()
+                link = self._link = self.transport.owner_link(
+                    prefetch=self.prefetch, shard=self.shard
+                )
+                self._journaled = self.journal and supports_journal(self.transport, link)
+                if self._journaled:
+                    self._jw = JournalWriter(self.engine.lineage)
+                    self._standby(link)
+                return link
+            except BrokerStartingError as exc:
+                if link is not None:
+                    link.close()
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    raise
+                pause = min(2.0, 0.1 * 2**attempt)
+                attempt += 1
+                log.warning("broker still starting (%s); retrying in %.1f s", exc, pause)
+                self._stop.wait(pause)
+            except BaseException:
+                if link is not None:
+                    link.close()
+                raise
 
     # ------------------------------------------------------------------ failover
     def _outage(self, exc: BaseException) -> None:

@@ -15,6 +15,7 @@ import amqp.exceptions as amqp_exc
 
 from brama_mq.errors import (
     AccessRefusedError,
+    BrokerStartingError,
     BrokerUnavailableError,
     ConfirmError,
     TransportError,
@@ -140,7 +141,7 @@ def map_error(
         elif isinstance(exc, amqp_exc.NotFound) and "down or inaccessible" in str(exc):
             # A durable queue or stream whose home node is still starting (or gone):
             # the broker is not fully there yet, which a retry cures.
-            kind = BrokerUnavailableError
+            kind = BrokerStartingError
         else:
             kind = TransportError
     return kind(f"{what} failed ({where}): {detail}")
