@@ -29,10 +29,10 @@ from brama_mq.client import Brama
 from brama_mq.errors import BramaError
 from brama_mq.protocol import encode_command, make_command
 from brama_mq.transport import Topology
-from brama_mq.transport.amqp import AmqpTransport
 from tests import brokers
-from tests.wire import KombuTap, Seen
-from tests.worker_proc import WorkerProcess, kill_and_time_takeover
+from tests.node_setup import NodeSetup
+from tests.wire import Seen
+from tests.worker_proc import kill_and_time_takeover
 
 pytestmark = pytest.mark.private_node
 
@@ -41,69 +41,10 @@ log = logging.getLogger(__name__)
 CRITICAL_KEYS = ["#.state_change", "#.circuit_opened", "#.circuit_half_opened"]
 
 
-class Setup:
+class Setup(NodeSetup):
     """A client, a durable tap queue bound before any load, and workers, on the node."""
 
-    def __init__(self, node: brokers.PrivateNode, prefix: str, tmp_path: Path) -> None:
-        self.node = node
-        self.topology = Topology(prefix)
-        self.transport = AmqpTransport(
-            node.url, self.topology, connect_timeout=2, reconnect_timeout=2, max_backoff=0.5
-        )
-        self.transport.declare()
-        self.tap_queue = f"{prefix}.durable-tap"
-        KombuTap(node.url, self.topology.events_exchange, CRITICAL_KEYS,
-                 queue=self.tap_queue, durable=True).conn.release()
-        self.client = Brama(transport=self.transport, request_timeout=20)
-        self.tmp_path = tmp_path
-        self.workers: list[WorkerProcess] = []
-
-    def start_worker(self, **settings: str) -> WorkerProcess:
-        worker = WorkerProcess(
-            self.tmp_path / f"worker{len(self.workers)}.log",
-            {"BRAMA_BROKER_URL": self.node.url, "BRAMA_PREFIX": self.topology.prefix,
-             **settings},
-        )
-        self.workers.append(worker)
-        worker.wait_ready()
-        return worker
-
-    def depth(self, queue: str | None = None) -> int:
-        probe = brokers.WireProbe(self.node.url, queue or self.tap_queue, declare=False)
-        try:
-            return probe.depth()
-        finally:
-            probe.close()
-
-    def read_tap(self, done: Callable[[list[Seen]], bool], timeout: float) -> list[Seen]:
-        """Consume the durable queue until ``done(seen)`` (then drain the duplicates)."""
-        tap = KombuTap(self.node.url, self.topology.events_exchange, CRITICAL_KEYS,
-                       queue=self.tap_queue, durable=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while not done(tap.seen):
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"critical events missing after {timeout} s "
-                                         f"({len(tap.seen)} seen)")
-                tap.drain(0.3)
-            tap.drain(0.5)
-            return list(tap.seen)
-        finally:
-            tap.close()
-
-    def statuses(self) -> dict[str, dict[str, Any]]:
-        """Every connection's status, by name, from the active owner."""
-        return {str(s["connection"]): s for s in self.client.snapshot()}
-
-    def close(self) -> None:
-        try:
-            for worker in self.workers:
-                worker.close()
-        finally:
-            self.client.disconnect()
-            self.transport.close()
-            with contextlib.suppress(Exception):
-                brokers.delete_names(self.node.url, [self.tap_queue], [])
+    critical_keys = CRITICAL_KEYS
 
 
 @pytest.fixture

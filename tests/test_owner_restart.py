@@ -23,83 +23,22 @@ import kombu
 import pytest
 from amqp import spec
 
-from brama_mq.client import Brama
 from brama_mq.errors import BramaError
 from brama_mq.protocol import encode_command, make_command
 from brama_mq.transport import Topology
-from brama_mq.transport.amqp import AmqpTransport
 from tests import brokers
-from tests.wire import KombuTap, Seen
-from tests.worker_proc import WorkerProcess
+from tests.node_setup import NodeSetup
+from tests.wire import Seen
 
 pytestmark = pytest.mark.private_node
 
 CRITICAL_KEYS = ["#.state_change", "#.circuit_opened"]
 
 
-class Setup:
+class Setup(NodeSetup):
     """A client transport, a durable tap queue and a worker, all on the private node."""
 
-    def __init__(self, node: brokers.PrivateNode, prefix: str, tmp_path: Path) -> None:
-        self.node = node
-        self.topology = Topology(prefix)
-        # Short reconnect window: sends during an outage raise and the test retries them.
-        self.transport = AmqpTransport(
-            node.url, self.topology, connect_timeout=2, reconnect_timeout=2, max_backoff=0.5
-        )
-        self.transport.declare()
-        self.tap_queue = f"{prefix}.durable-tap"
-        # Declared (durable, bound) before any load; nobody consumes it until the end.
-        KombuTap(node.url, self.topology.events_exchange, CRITICAL_KEYS,
-                 queue=self.tap_queue, durable=True).conn.release()
-        self.client = Brama(transport=self.transport, request_timeout=20)
-        self.tmp_path = tmp_path
-        self.workers: list[WorkerProcess] = []
-
-    def start_worker(self, **settings: str) -> WorkerProcess:
-        worker = WorkerProcess(
-            self.tmp_path / f"worker{len(self.workers)}.log",
-            {"BRAMA_BROKER_URL": self.node.url, "BRAMA_PREFIX": self.topology.prefix,
-             **settings},
-        )
-        self.workers.append(worker)
-        worker.wait_ready()
-        return worker
-
-    def depth(self) -> int:
-        probe = brokers.WireProbe(self.node.url, self.tap_queue, declare=False)
-        try:
-            return probe.depth()
-        finally:
-            probe.close()
-
-    def read_tap(self, done: Callable[[list[Seen]], bool], timeout: float) -> list[Seen]:
-        """Consume the durable queue until ``done(seen)``; AssertionError if it never is."""
-        tap = KombuTap(self.node.url, self.topology.events_exchange, CRITICAL_KEYS,
-                       queue=self.tap_queue, durable=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while not done(tap.seen):
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"not every critical event arrived within {timeout} s "
-                        f"({len(tap.seen)} seen)"
-                    )
-                tap.drain(0.3)
-            tap.drain(0.3)  # and whatever duplicates follow
-            return list(tap.seen)
-        finally:
-            tap.close()  # deletes the durable queue
-
-    def close(self) -> None:
-        try:
-            for worker in self.workers:
-                worker.close()
-        finally:
-            self.client.disconnect()
-            self.transport.close()
-            with contextlib.suppress(Exception):
-                brokers.delete_names(self.node.url, [self.tap_queue], [])
+    critical_keys = CRITICAL_KEYS
 
 
 @pytest.fixture
