@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from brama_mq.client import Brama
 from brama_mq.transport import Topology
@@ -85,3 +85,23 @@ class NodeSetup:
             self.transport.close()
             with contextlib.suppress(Exception):
                 brokers.delete_names(self.node.url, [self.tap_queue], [])
+
+
+S = TypeVar("S", bound=NodeSetup)
+
+
+@contextlib.contextmanager
+def deployed(
+    kind: type[S], node: brokers.PrivateNode, prefix: str, tmp_path: Path,
+    registry: brokers.Registry,
+) -> Iterator[S]:
+    """A ``kind`` on ``node`` (started again if an earlier test left it down), its prefix
+    tracked for the sweep, closed at the end."""
+    if not node.running():
+        node.start()
+    registry.track(prefix, node.url)
+    s = kind(node, prefix, tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()

@@ -27,7 +27,7 @@ from brama_mq.errors import BramaError
 from brama_mq.protocol import encode_command, make_command
 from brama_mq.transport import Topology
 from tests import brokers
-from tests.node_setup import NodeSetup
+from tests.node_setup import NodeSetup, deployed
 from tests.wire import Seen
 
 pytestmark = pytest.mark.private_node
@@ -46,14 +46,8 @@ def setup(
     private_node: brokers.PrivateNode, prefix: str, tmp_path: Path,
     broker_registry: brokers.Registry,
 ) -> Iterator[Setup]:
-    if not private_node.running():  # a failed earlier test may have left it down
-        private_node.start()
-    broker_registry.track(prefix, private_node.url)
-    s = Setup(private_node, prefix, tmp_path)
-    try:
+    with deployed(Setup, private_node, prefix, tmp_path, broker_registry) as s:
         yield s
-    finally:
-        s.close()
 
 
 def _in_parallel(calls: list[Callable[[], object]], threads: int = 8) -> None:
