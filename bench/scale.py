@@ -60,9 +60,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SCOPE = "bench"
 PREFETCH = 500
 GB = 1_000_000_000
-#: Pause between pre-publishing and starting the owners (quorum queues write on after the
-#: last confirm); the same for both layouts.
+#: Before each layout starts, wait (at least SETTLE_S, at most SETTLE_MAX_S) until the
+#: machine is this idle over a QUIET_WINDOW_S sample: the quorum queues write on after the
+#: last confirm, and the previous layout's deleted queues and streams are still being
+#: removed. Starting into that work made single rounds swing between 1.0 and 1.7.
 SETTLE_S = 1.0
+SETTLE_MAX_S = 15.0
+QUIET_IDLE = 0.8
+QUIET_WINDOW_S = 0.5
+#: The policy limit (brama_mq.core.policy); the registers ask for it so nothing opens.
+MAX_ATTEMPTS = 1_000_000
 
 TARGETS: dict[str, tuple[str, float]] = {
     "shard_ratio": (">=", 1.3),
@@ -85,7 +92,7 @@ def parse(args: list[str]) -> Params:
         prog="python -m bench scale", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--n", type=int, default=30_000, help="(a) timed outcome commands")
+    parser.add_argument("--n", type=int, default=60_000, help="(a) timed outcome commands")
     parser.add_argument("--conns", type=int, default=400, help="(a) connections")
     parser.add_argument("--repeat", type=int, default=5, help="(a) rounds of 1 vs 2 shards")
     parser.add_argument("--idle", type=int, default=300_000, help="(b) engine connections")
@@ -212,6 +219,7 @@ def _child_owner(cfg: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"owner stopped before acking {expect} deliveries")
     return {
         "first": stamps.get("first"), "end": stamps["end"], "connections": len(owner.engine),
+        "dead_lettered": owner.stats.dead_lettered,
         "cpu": stamps["cpu_end"] - stamps.get("cpu_first", stamps["cpu_end"]),
         "rss_start": rss["start"], "rss_at": rss.get("at"), "rss_end": _rss(),
     }
@@ -271,7 +279,9 @@ def _prepublish(
     def key(name: str) -> str:
         return topo.owner_key(None if shards == 1 else stable_shard(SCOPE, name, shards))
 
-    regs = command_bodies("register", names, options={"max_attempts": 1_000_000_000})
+    # The largest max_attempts the owner accepts (a larger one is dead-lettered as invalid,
+    # and the bench would time dead-lettering): ~75 failures each never open a circuit.
+    regs = command_bodies("register", names, options={"max_attempts": MAX_ATTEMPTS})
     outcome_names = [names[i % conns] for i in range(n)]
     succ = command_bodies("success", outcome_names[0::2])
     fail = command_bodies("failure", outcome_names[1::2], reason="bench")
@@ -287,6 +297,56 @@ def _prepublish(
         total = len(mine) + sum(1 for nm in outcome_names if nm in mine)
         counts[k] = (len(mine), total)
     return counts
+
+
+def _cpu_idle_fraction(window: float) -> float | None:
+    """Share of all CPUs idle over ``window`` seconds (/proc/stat), None off Linux."""
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        ticks = [int(f) for f in fields]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, total
+
+    a = sample()
+    time.sleep(window)
+    b = sample()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def _broker_cpu_s() -> float | None:
+    """CPU seconds used so far by local RabbitMQ nodes (beam.smp), None if none is local.
+
+    A diagnostic: it shows whether a layout ran out of cores (owners + broker ~ 2 cores)
+    or waited on round trips (less than that)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, found = 0, False
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "beam.smp":
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+        found = True
+    return total / tick if found else None
+
+
+def settle() -> float:
+    """Wait until the machine is quiet (see SETTLE_S); returns the idle share seen last."""
+    time.sleep(SETTLE_S)
+    deadline = time.monotonic() + SETTLE_MAX_S
+    idle = _cpu_idle_fraction(QUIET_WINDOW_S)
+    while idle is not None and idle < QUIET_IDLE and time.monotonic() < deadline:
+        idle = _cpu_idle_fraction(QUIET_WINDOW_S)
+    return idle if idle is not None else 1.0
 
 
 def _delete(url: str, prefix: str, shards: int) -> None:
@@ -305,7 +365,6 @@ def shard_round(p: Params, shards: int) -> dict[str, Any]:
     children: list[Child] = []
     try:
         counts = _prepublish(p.url, prefix, shards, p.conns, p.n)
-        time.sleep(SETTLE_S)  # the broker finishes writing the pre-published commands
         for k in range(shards):
             regs, total = counts[k]
             children.append(Child({
@@ -314,17 +373,31 @@ def shard_round(p: Params, shards: int) -> dict[str, Any]:
             }))
         for c in children:
             c.ready()
+        idle = settle()  # after the children's imports, before anything is timed
+        broker0 = _broker_cpu_s()
         for c in children:
             c.go()
         results = [c.result() for c in children]
+        broker1 = _broker_cpu_s()
     finally:
         for c in children:
             c.kill()
         _delete(p.url, prefix, shards)
+    for k, r in enumerate(results):
+        # A bench that dead-letters its commands times the wrong path: refuse the figure.
+        if r["dead_lettered"] or r["connections"] != counts[k][0]:
+            raise RuntimeError(
+                f"shard {k}: {r['dead_lettered']} commands dead-lettered, "
+                f"{r['connections']} of {counts[k][0]} connections registered"
+            )
     start = min(r["first"] for r in results)
     end = max(r["end"] for r in results)
     return {"per_s": p.n / (end - start),
             "per_shard_s": [round(r["end"] - r["first"], 3) for r in results],
+            "idle_at_go": round(idle, 2),
+            # From GO to the last result: includes the owners' start-up, so an upper bound.
+            "broker_cpu_us": None if broker0 is None or broker1 is None
+            else round((broker1 - broker0) / p.n * 1e6, 1),
             "cpu_us_per_command": sum(r["cpu"] for r in results) / p.n * 1e6}
 
 
@@ -381,6 +454,8 @@ def run(args: list[str]) -> dict[str, Any]:
         rounds.append({"one": got[1]["per_s"], "two": got[2]["per_s"],
                        "ratio": got[2]["per_s"] / got[1]["per_s"],
                        "two_per_shard_s": got[2]["per_shard_s"],
+                       "idle_at_go": [got[1]["idle_at_go"], got[2]["idle_at_go"]],
+                       "broker_cpu_us": [got[1]["broker_cpu_us"], got[2]["broker_cpu_us"]],
                        "one_cpu_us": got[1]["cpu_us_per_command"],
                        "two_cpu_us": got[2]["cpu_us_per_command"]})
     mem = memory(p)
