@@ -261,23 +261,21 @@ def child_main(config: str) -> None:
 
 
 # ------------------------------------------------------------------------------ (a) shards
-def _prepublish(
-    url: str, prefix: str, shards: int, conns: int, n: int
-) -> dict[int, tuple[int, int]]:
-    """Declare the topology, publish registers then outcomes; shard -> (registers, total)."""
-    from bench.owner import command_bodies, publish_confirmed
+def shard_commands(
+    prefix: str, shards: int, conns: int, n: int
+) -> tuple[list[tuple[str, bytes]], dict[int, tuple[int, int]]]:
+    """(routing key, body) of the registers then the outcomes, in publishing order, and
+    shard -> (registers, total commands) for the owners' clocks."""
+    from bench.owner import command_bodies
     from brama_mq.core.routing import stable_shard
     from brama_mq.transport import Topology
-    from brama_mq.transport.amqp import AmqpTransport
 
     topo = Topology(prefix, shards)
-    admin = AmqpTransport(url, topo)
-    admin.declare()
-    admin.close()
     names = [f"c{i:05d}" for i in range(conns)]
+    shard_of = {nm: 0 if shards == 1 else stable_shard(SCOPE, nm, shards) for nm in names}
 
     def key(name: str) -> str:
-        return topo.owner_key(None if shards == 1 else stable_shard(SCOPE, name, shards))
+        return topo.owner_key(None if shards == 1 else shard_of[name])
 
     # The largest max_attempts the owner accepts (a larger one is dead-lettered as invalid,
     # and the bench would time dead-lettering): ~75 failures each never open a circuit.
@@ -290,12 +288,28 @@ def _prepublish(
         outcomes.append(succ[-1])
     items = [(key(nm), b) for nm, b in zip(names, regs, strict=True)]
     items += [(key(nm), b) for nm, b in zip(outcome_names, outcomes, strict=True)]
-    publish_confirmed(url, topo.commands_exchange, items)
     counts: dict[int, tuple[int, int]] = {}
     for k in range(shards):
-        mine = {nm for nm in names if shards == 1 or stable_shard(SCOPE, nm, shards) == k}
+        mine = {nm for nm in names if shard_of[nm] == k}
         total = len(mine) + sum(1 for nm in outcome_names if nm in mine)
         counts[k] = (len(mine), total)
+    return items, counts
+
+
+def _prepublish(
+    url: str, prefix: str, shards: int, conns: int, n: int
+) -> dict[int, tuple[int, int]]:
+    """Declare the topology and publish :func:`shard_commands`, confirmed."""
+    from bench.owner import publish_confirmed
+    from brama_mq.transport import Topology
+    from brama_mq.transport.amqp import AmqpTransport
+
+    topo = Topology(prefix, shards)
+    admin = AmqpTransport(url, topo)
+    admin.declare()
+    admin.close()
+    items, counts = shard_commands(prefix, shards, conns, n)
+    publish_confirmed(url, topo.commands_exchange, items)
     return counts
 
 
