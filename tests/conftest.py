@@ -80,9 +80,13 @@ def memory_transport(topology: Topology) -> Iterator[MemoryTransport]:
     transport.close()
 
 
-@pytest.fixture(scope="module")
-def private_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.PrivateNode]:
-    """A throwaway rabbitmq-server node for this module (stop/start/restart freely)."""
+@pytest.fixture(scope="session")
+def _session_private_node(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[brokers.PrivateNode]:
+    """One throwaway node for every module that takes ``private_node`` (a start costs
+    7-25 s here; tests keep apart by prefix, and each leaves the node's settings as it
+    found them)."""
     base: Path = tmp_path_factory.mktemp("rabbit")
     node = brokers.PrivateNode(base)
     problem = None
@@ -97,6 +101,15 @@ def private_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.P
         yield node
     finally:
         node.close()
+
+
+@pytest.fixture(scope="module")
+def private_node(_session_private_node: brokers.PrivateNode) -> brokers.PrivateNode:
+    """A throwaway rabbitmq-server node (stop/start/restart freely); running when handed out."""
+    node = _session_private_node
+    if not node.running():  # an earlier module stopped it and failed before restarting
+        node.start()
+    return node
 
 
 @pytest.fixture
