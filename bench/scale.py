@@ -3,8 +3,8 @@
 Needs a broker (``BRAMA_BENCH_BROKER_URL``, default ``amqp://guest:guest@127.0.0.1:5672//``);
 every round uses a fresh prefix and deletes what it declared.
 
-**(a) shards.** The same ``C`` register commands (``max_attempts`` at the owner's limit, 1,000,000, so nothing ever
-opens) and ``N`` success/failure commands over those connections are pre-published,
+**(a) shards.** The same ``C`` register commands (``max_attempts`` at the owner's limit,
+1,000,000, so nothing ever opens) and ``N`` success/failure commands over those connections are pre-published,
 persistent and confirmed, exactly as the Brama client sends them: to ``{p}.owner`` for one
 shard, to ``{p}.owner.<stable_shard(...)>`` for two. Then one owner process per shard
 (the real :class:`~brama_mq.owner.Owner` on an ``AmqpTransport``, as ``brama-mq worker
