@@ -4,25 +4,26 @@ Needs a broker (``BRAMA_BENCH_BROKER_URL``, default ``amqp://guest:guest@127.0.0
 every round uses a fresh prefix and deletes what it declared.
 
 **(a) shards.** The same ``C`` register commands (``max_attempts`` at the owner's limit,
-1,000,000, so nothing ever opens) and ``N`` success/failure commands over those connections are pre-published,
-persistent and confirmed, exactly as the Brama client sends them: to ``{p}.owner`` for one
-shard, to ``{p}.owner.<stable_shard(...)>`` for two. Then one owner process per shard
-(the real :class:`~brama_mq.owner.Owner` on an ``AmqpTransport``, as ``brama-mq worker
---shard k`` builds it, in a child process of its own) is told to start, all at the same
-moment. Each stamps ``time.monotonic()`` (system-wide on Linux, so comparable between
-processes) when its first outcome command reaches its consumer callback (registrations
-are outside the clock) and when it acked its last one. ``*_per_s = N / (last end - first
-start)``. Each layout is let go only once the machine is quiet (>= 80% idle over 0.5 s,
-after at least 1 s, at most 15 s: the pre-published commands are still being written and
-the previous layout's queues deleted), and a round is refused if an owner dead-lettered a
-command or registered fewer connections than it was sent (the bench would be timing the
-refusal path). Rounds alternate which layout goes first; ``shard_ratio`` is the median over
-rounds of ``two_shards / one_shard`` measured in the same round (each round's pair ran
-back to back, under the same load), the ``*_per_s`` figures are the medians. Each round
-also gives the owners' CPU time per command (``one_cpu_us``, ``two_cpu_us``: summed over
-the shard processes), which says how much of a poor ratio is CPU contention (the same
-work, less of a core each) rather than extra work. ``broker_cpu_us`` is the same for the local
-RabbitMQ node(s) (``beam.smp``), from GO to the last result.
+1,000,000, so nothing ever opens) and ``N`` success/failure commands over those
+connections are pre-published, persistent and confirmed, exactly as the Brama client sends
+them: to ``{p}.owner`` for one shard, to ``{p}.owner.<stable_shard(...)>`` for two. Then
+one owner process per shard (the real :class:`~brama_mq.owner.Owner` on an
+``AmqpTransport``, as ``brama-mq worker --shard k`` builds it, in a child process of its
+own) is told to start, all at the same moment. Each stamps ``time.monotonic()``
+(system-wide on Linux, so comparable between processes) when its first outcome command
+reaches its consumer callback (registrations are outside the clock) and when it acked its
+last one. ``*_per_s = N / (last end - first start)``. Each layout is let go only once the
+machine is quiet (>= 80% idle over 0.5 s, after at least 1 s, at most 15 s: the
+pre-published commands are still being written and the previous layout's queues deleted),
+and a round is refused if an owner dead-lettered a command or registered fewer connections
+than it was sent (the bench would be timing the refusal path). Rounds alternate which
+layout goes first; ``shard_ratio`` is the median over rounds of ``two_shards / one_shard``
+measured in the same round (each round's pair ran back to back, under the same load), the
+``*_per_s`` figures are the medians. Each round also gives the owners' CPU time per
+command (``one_cpu_us``, ``two_cpu_us``: summed over the shard processes), which says how
+much of a poor ratio is CPU contention (the same work, less of a core each) rather than
+extra work. ``broker_cpu_us`` is the same for the local RabbitMQ node(s) (``beam.smp``),
+from GO to the last result.
 
 **(b) connections per GB.** Measured two ways, the larger cost counts:
 
