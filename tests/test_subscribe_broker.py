@@ -15,7 +15,7 @@ import kombu
 import pytest
 
 import brama_mq
-from brama_mq.protocol import Event, encode_event
+from brama_mq.protocol import Event, decode_event, encode_event
 from brama_mq.transport.amqp import AmqpTransport
 from tests import brokers
 from tests.subscribe_helpers import Stack, collect, drain, expected, k, owner_stack, wait_until
@@ -273,3 +273,64 @@ def test_async_for_on_a_named_subscription(stack: Stack) -> None:
     queue = t.topology.subscription_queue(name)
     assert _depth(t.url, queue) == 0  # type: ignore[attr-defined]
     t.delete_queues([queue, t.topology.subscription_dead_queue(name)])
+
+
+def test_named_dead_queue_is_bounded_and_keeps_the_newest_letters(
+    broker_url: str, prefix: str, broker_registry: brokers.Registry
+) -> None:
+    """A named subscription's dead queue has the dead queue's bounds (here 3 letters):
+    a handler that fails on every event leaves the 3 newest failed events there, the
+    older ones dropped, instead of growing the queue without end."""
+    from brama_mq.transport import Topology
+
+    t = AmqpTransport(broker_url, Topology(prefix, dead_max_length=3), connect_timeout=5)
+    broker_registry.track_transport(prefix, t)
+    name = _name()
+    dead = t.topology.subscription_dead_queue(name)
+    try:
+        with owner_stack(t) as stack:
+            sub = brama_mq.subscribe(connection="c", events="failure", name=name,
+                                     handler=lambda e: 1 / 0, max_deliveries=1,
+                                     retry_delay=0.01, transport=t).start()
+            stack.client.register("c", max_attempts=1_000, wait=True)
+            for _ in range(6):
+                stack.client.failure("c", wait=True)
+            wait_until(lambda: sub.stats()["dead_lettered"] == 6, 10, lambda: str(sub.stats()))
+            assert _depth(broker_url, dead) == 3
+            probe = brokers.WireProbe(broker_url, dead, declare=False)
+            try:
+                letters = probe.take()
+            finally:
+                probe.close()
+            counts = [decode_event(m.body).data["failure_count"] for m in letters]
+            assert counts == [4, 5, 6]
+            sub.delete()
+    finally:
+        brama_mq.unsubscribe()
+        t.close()
+
+
+def test_an_unbounded_named_dead_queue_from_before_is_kept(
+    amqp_transport: AmqpTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``{p}.sub.<name>.dead`` made unbounded by an earlier version does not stop the
+    subscription: the transport warns, naming the queue, and dead-letters into it."""
+    t = amqp_transport
+    name = _name()
+    dead = t.topology.subscription_dead_queue(name)
+    old = brokers.WireProbe(t.url, dead)  # durable, no arguments
+    try:
+        with caplog.at_level("WARNING", logger="brama_mq.transport.amqp"), \
+                owner_stack(t) as stack:
+            sub = brama_mq.subscribe(connection="c", events="failure", name=name,
+                                     handler=lambda e: 1 / 0, max_deliveries=1,
+                                     retry_delay=0.01, transport=t).start()
+            stack.client.register("c", wait=True)
+            stack.client.failure("c", wait=True)
+            assert old.wait_depth(1, 10) == 1
+            sub.delete()
+        assert any(dead in r.getMessage() and "unbounded" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        brama_mq.unsubscribe()
+        old.close()

@@ -1385,6 +1385,27 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
             delivery_limit=self._delivery_limit,
         )
 
+    def _declare_subscription_dead_queue(self, conn: Any, ch: Any, name: str) -> Any:
+        """Declare the bounded dead queue; one made unbounded by an earlier version is
+        kept as it is (RabbitMQ refuses other arguments), with a warning saying how to
+        bound it. Returns the channel to go on with (a refusal closes the channel)."""
+        arguments = self._t.topology.subscription_dead_queue_arguments()
+        try:
+            ch.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+        except PreconditionFailed as exc:
+            if not arguments or name not in str(exc):
+                raise
+            log.warning(
+                "queue %s exists without the length limits this version declares (%s); "
+                "using it unbounded: drain and delete it to have it bounded",
+                name, describe(exc, self._t.url),
+            )
+            if not ch.is_open:  # py-amqp reopens a channel the broker closed
+                ch.open()
+            ch.queue_declare(name, durable=True, auto_delete=False, passive=True)
+        self._t._note("queue", name)
+        return ch
+
     def _setup(self, conn: Any) -> None:
         # Only its own queues: the shared topology is checked passively (a subscriber's
         # permissions need not cover the owner's queues).
@@ -1392,8 +1413,7 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
             conn, [(self._t.topology.events_exchange, "topic")], [], owner_side=False
         )
         if self._dead_queue is not None:
-            ch.queue_declare(self._dead_queue, durable=True, auto_delete=False)
-            self._t._note("queue", self._dead_queue)
+            ch = self._declare_subscription_dead_queue(conn, ch, self._dead_queue)
         if self._wanted:
             ok = ch.queue_declare(
                 self._wanted,

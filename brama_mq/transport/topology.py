@@ -189,6 +189,12 @@ class Topology:
             args["x-overflow"] = "drop-head"
         return args
 
+    def subscription_dead_queue_arguments(self) -> dict[str, Any]:
+        """A named subscription's dead queue has the same bounds as ``{p}.dead``: a
+        handler that fails on every event must not fill the broker's disk (its alarm would
+        block every publisher, the owner included). Its oldest letters go first."""
+        return self.dead_queue_arguments()
+
     def subscription_queue(self, name: str) -> str:
         """The durable queue of the named subscription ``name``: ``{p}.sub.<name>``."""
         _check_subscription_name(self.prefix, name)
