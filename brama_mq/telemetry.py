@@ -31,6 +31,12 @@ Events of the owner (``brama-mq worker``), all emitted in the owner's loop threa
   acked: ``duration`` (s from its publish to its ack), ``batches`` (1); ``shard``
 * ``("brama", "owner", "dead_letter")``, per command dead-lettered: ``count`` (1);
   ``shard``, ``reason`` (``decode``, ``internal`` or the engine's status), ``error``
+* ``("brama", "owner", "takeover")``, when this owner (journaled) becomes the active
+  one: ``duration`` (s to rebuild the registry and take over), ``republished`` (critical
+  events published again); ``owner``, ``shard``, ``queue``
+* ``("brama", "owner", "step_down")``, when the active owner becomes a standby (its
+  connection was lost or replaced): ``count`` (1); ``owner``, ``shard``, ``queue``,
+  ``reason``
 
 A handler that raises is detached (logged once), as ``:telemetry`` does, so a broken
 handler can never take the owner down.
@@ -67,6 +73,8 @@ EVENTS: tuple[EventName, ...] = (
     ("brama", "owner", "event"),
     ("brama", "owner", "confirm"),
     ("brama", "owner", "dead_letter"),
+    ("brama", "owner", "takeover"),
+    ("brama", "owner", "step_down"),
 )
 
 #: True while at least one handler is attached: emitters test it before measuring.

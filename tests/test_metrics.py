@@ -25,7 +25,8 @@ def test_worker_serves_metrics_and_only_the_active_owner_says_so(
 ) -> None:
     """Two owners with --metrics-port: circuit state (1 current, 0 others), failure count,
     events, commands by op/result, dead letters, confirm latency; active 1 on one owner,
-    0 on the standby."""
+    0 on the standby; after a takeover the new active owner says so and shows every
+    circuit of the registry it took over."""
     settings = {"BRAMA_BROKER_URL": broker_url, "BRAMA_PREFIX": prefix}
     port_a, port_b = free_port(), free_port()
     transport = AmqpTransport(broker_url, Topology(prefix), reconnect_timeout=10)
@@ -87,6 +88,13 @@ def test_worker_serves_metrics_and_only_the_active_owner_says_so(
         taken = wait_for(lambda: scrape(other_port),
                          lambda s: value(s, "brama_owner_active") == 1.0, 15, "takeover")
         assert value(taken, "brama_commands_total", op="register", result="applied") == 1.0
+        # Its circuits are the registry it rebuilt at takeover, not the empty one it had
+        # as a standby: the open circuit from before the takeover is there.
+        assert value(taken, "brama_circuit_state", scope="payments", connection="payment_api",
+                     state="open") == 1.0
+        assert value(taken, "brama_failure_count", scope="", connection="ledger_db") == 1.0
+        assert value(taken, "brama_circuit_state", scope="", connection="after_takeover",
+                     state="closed") == 1.0
         assert second.alive()
     finally:
         client.disconnect()

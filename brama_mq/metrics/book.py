@@ -16,7 +16,8 @@ from brama_mq.core.events import CLOSED, HALF_OPEN, OPEN
 __all__ = ["ACTIVE_WINDOW_S", "STATES", "CircuitBook"]
 
 STATES = (CLOSED, OPEN, HALF_OPEN)
-#: An owner counts as active while it received a delivery this recently. Under
+#: An owner without a journal (which cannot tell whether it is active: see
+#: ``CircuitBook.active``) counts as active while it received a delivery this recently. Under
 #: single-active-consumer only the active owner gets deliveries; the owner probe
 #: (:class:`~brama_mq.metrics.probe.OwnerProbe`) sends one every 10 s so an idle active
 #: owner still gets some.
@@ -35,6 +36,12 @@ class CircuitBook:
         self.active_window = active_window
         self.last_delivery: float | None = None
         self.running = False
+        self._owner: Any = None
+
+    def follow(self, owner: Any) -> None:
+        """Read ``active`` from ``owner`` itself when it can tell (a journaled owner
+        knows whether it took the queue over); the delivery window is the fallback."""
+        self._owner = owner
 
     @staticmethod
     def scope_label(scope: str | None) -> str:
@@ -76,7 +83,11 @@ class CircuitBook:
 
     @property
     def active(self) -> bool:
-        """Whether this owner received a delivery within the active window."""
+        """Whether this owner is the active one: exact for a journaled owner, otherwise
+        whether it received a delivery within the active window."""
+        owner = self._owner
+        if owner is not None and getattr(owner, "journaled", False):
+            return self.running and bool(owner.active)
         last = self.last_delivery
         return self.running and last is not None and time.monotonic() - last < self.active_window
 

@@ -11,9 +11,11 @@ whatever reader/exporter the application configured on its ``MeterProvider``::
     from brama_mq.metrics.otel import OtelOwnerMetrics
     OtelOwnerMetrics().attach()          # the global meter provider
 
-``brama_owner_active`` relies on deliveries reaching the active owner; in an idle
-deployment start :class:`~brama_mq.metrics.probe.OwnerProbe` beside it (the
-Prometheus endpoint of ``brama-mq worker --metrics-port`` does).
+``brama_owner_active`` is exact for a journaled owner once it took the queue over, which
+happens on its first delivery; in an idle deployment start
+:class:`~brama_mq.metrics.probe.OwnerProbe` beside it (the Prometheus endpoint of
+``brama-mq worker --metrics-port`` does), which also keeps the delivery-window guess of
+an owner without a journal right.
 """
 
 from __future__ import annotations

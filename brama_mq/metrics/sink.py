@@ -28,6 +28,7 @@ class OwnerSink:
             "confirm": self._on_confirm,
             "start": self._on_start,
             "stop": self._on_stop,
+            "takeover": self._on_takeover,
         }
 
     def attach(self) -> Any:
@@ -58,8 +59,15 @@ class OwnerSink:
 
     def _on_start(self, _: telemetry.EventName, __: Mapping[str, Any],
                   metadata: Mapping[str, Any]) -> None:
+        self.book.follow(metadata["owner"])
         self.book.seed(metadata["owner"].engine.statuses())
         self.book.running = True
+
+    def _on_takeover(self, _: telemetry.EventName, __: Mapping[str, Any],
+                     metadata: Mapping[str, Any]) -> None:
+        # The registry is the one rebuilt from the journal, not the one seeded at start.
+        self.book.circuits.clear()
+        self.book.seed(metadata["owner"].engine.statuses())
 
     def _on_stop(self, *_: Any) -> None:
         self.book.running = False

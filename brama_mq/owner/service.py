@@ -104,6 +104,8 @@ _T_BATCH = ("brama", "owner", "batch")
 _T_EVENT = ("brama", "owner", "event")
 _T_CONFIRM = ("brama", "owner", "confirm")
 _T_DEAD = ("brama", "owner", "dead_letter")
+_T_TAKEOVER = ("brama", "owner", "takeover")
+_T_STEP_DOWN = ("brama", "owner", "step_down")
 _ONE: Mapping[str, int] = MappingProxyType({"count": 1})
 
 
@@ -257,6 +259,12 @@ class Owner:
         """Whether this owner has the queue (a standby only replays the journal)."""
         return self._active or not self._journaled
 
+    @property
+    def journaled(self) -> bool:
+        """Whether this owner keeps a journal, and so knows if it is the active one
+        (``active``); without one every owner that gets deliveries serves them."""
+        return self._journaled
+
     def run(self) -> None:
         """Serve until ``stop()``; the batch in hand is finished and acked before returning.
 
@@ -357,9 +365,12 @@ class Owner:
     def _step_down(self, why: str) -> None:
         """Stop acting as the active owner: another may have the queue by now, so the
         registry is rebuilt from the journal before this process serves again."""
-        if self._active:
+        was_active = self._active
+        if was_active:
             log.warning("owner stepping down to standby: %s", why)
         self._active = False
+        if was_active and telemetry.enabled:
+            telemetry.execute(_T_STEP_DOWN, {"count": 1}, {**self._t_meta(), "reason": why})
         self._inflight.clear()  # their acks are stale: the broker redelivers them
         if self._replica is not None:
             self._replica.close()
@@ -454,6 +465,9 @@ class Owner:
             "owner active: took over in %.3f s at journal batch %d (%d connections, "
             "%d critical events published again)", took, self._n, len(engine), len(again),
         )
+        if telemetry.enabled:
+            telemetry.execute(_T_TAKEOVER, {"duration": took, "republished": len(again)},
+                              self._t_meta())
         if again:
             self._submit_events(link, again, None, [])
             self._inflight[-1].journal_n = follower.n
