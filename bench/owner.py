@@ -595,6 +595,10 @@ def _rate(count: int, child: dict[str, Any]) -> float:
     t0, t1 = child["t_first"], child["t_end"]
     if t0 is None or t1 is None or t1 <= t0:
         raise RuntimeError(f"bad timestamps from a child: {child}")
+    dead = child.get("stats", {}).get("dead_lettered")
+    if dead:  # the figure would time the refusal path (bench scale once did)
+        raise RuntimeError(f"the owner dead-lettered {dead} commands: the bench's commands "
+                           "no longer pass the owner's checks")
     return count / (t1 - t0)
 
 

@@ -260,6 +260,9 @@ def _drain_rate(transport: Any, engine: Any, n: int, events: list[Any],
             cpu[key] = cpu.get(key, 0.0) + (a - b)
         cpu["wall"] = cpu.get("wall", 0.0) + elapsed
     owner.stop(wait=30)
+    if owner.stats.dead_lettered:  # the figure would time the refusal path (bench scale did)
+        raise RuntimeError(f"the owner dead-lettered {owner.stats.dead_lettered} of {n} "
+                           "commands: the bench's commands no longer pass the owner's checks")
     return n / elapsed
 
 
