@@ -812,6 +812,23 @@ def test_snapshot_restore_snapshot_is_equal() -> None:
     assert Engine.restore(through_json).snapshot() == snap
 
 
+def test_restore_shares_one_policy_object_per_distinct_policy() -> None:
+    """A restore validates each distinct policy once and shares it (restoring a million
+    connections was mostly re-validating the same options): equal options give the same
+    object, other options their own, and every connection keeps exactly its policy."""
+    e = Engine()
+    for i in range(30):
+        e.register(S, f"c{i}", 0, {"max_attempts": 2 + i % 3})
+    restored = Engine.restore(json.loads(json.dumps(e.snapshot())))
+    by_attempts: dict[int, set[int]] = defaultdict(set)
+    for c in restored._conns.values():
+        by_attempts[c.policy.max_attempts].add(id(c.policy))
+        assert c.policy.max_attempts == 2 + int(c.connection[1:]) % 3
+    assert sorted(by_attempts) == [2, 3, 4]
+    assert all(len(ids) == 1 for ids in by_attempts.values())
+    assert restored.snapshot() == e.snapshot()
+
+
 def test_scoped_snapshot_has_only_that_scope() -> None:
     """snapshot(scope) holds that scope's connections; scope None means the unscoped ones."""
     e, _ = busy_engine()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -127,3 +128,29 @@ def test_latest_snapshot_reads_back_over_many_parts() -> None:
     finally:
         link.close()
         transport.close()
+
+
+def test_reading_a_snapshot_leaves_the_garbage_collector_as_it_was() -> None:
+    """Restoring pauses the cyclic collector (half a big restore's time) and turns it
+    back on afterwards, also when the snapshot is refused; a collector that was off
+    stays off."""
+    import gc
+
+    engine = _engine(50)
+    parts = [p for p in (SnapshotPart.parse(b) for b in _parts(engine, 10)) if p is not None]
+    one = encode_snapshot(engine, AppliedIds(), owner="o1", n=3, kind="batch", ts=1)
+    assert gc.isenabled()
+    assert Snapshot.from_parts(parts).engine.snapshot() == engine.snapshot()
+    assert Snapshot.decode(one).engine.snapshot() == engine.snapshot()
+    assert gc.isenabled()
+    doc = json.loads(one)
+    del doc["engine"]["connections"]
+    with pytest.raises(KeyError):
+        Snapshot.decode(json.dumps(doc).encode())
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        Snapshot.from_parts(parts)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

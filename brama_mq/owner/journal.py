@@ -26,6 +26,8 @@ so every replica agrees with the owner that wrote the accepted records.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import uuid
@@ -337,16 +339,16 @@ class Snapshot:
     @classmethod
     def decode(cls, body: bytes) -> Snapshot:
         """A version-1 (single record) snapshot."""
-        doc = json.loads(body)
-        if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
-            raise ValueError("unsupported snapshot version")
-        after = doc["after"]
-        applied = AppliedIds()
-        applied.load(doc.get("applied", []))
-        return cls(
-            Engine.restore(doc["engine"]), applied, str(after["t"]), str(after["o"]),
-            int(after["n"]), int(doc["ts"]),
-        )
+        with _gc_paused():
+            doc = json.loads(body)
+            if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
+                raise ValueError("unsupported snapshot version")
+            after = doc["after"]
+            applied = AppliedIds()
+            applied.load(doc.get("applied", []))
+            engine = Engine.restore(doc["engine"])
+        return cls(engine, applied, str(after["t"]), str(after["o"]), int(after["n"]),
+                   int(doc["ts"]))
 
     @classmethod
     def from_parts(cls, parts: Sequence[SnapshotPart]) -> Snapshot:
@@ -371,10 +373,24 @@ class Snapshot:
         header["connections"] = connections()
         applied = AppliedIds()
         applied.load(first.get("applied", []))
-        return cls(
-            Engine.restore(header), applied, str(after["t"]), str(after["o"]),
-            int(after["n"]), parts[0].ts,
-        )
+        with _gc_paused():
+            engine = Engine.restore(header)
+        return cls(engine, applied, str(after["t"]), str(after["o"]), int(after["n"]),
+                   parts[0].ts)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """A restore builds millions of objects that all stay alive, and the cyclic
+    collector's passes over them were half of its time (300,000 connections: 4.0 s with
+    it, 2.1 s without). Nothing a restore builds is garbage, so nothing is missed."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _may_matter(body: bytes, owner: str) -> bool:
