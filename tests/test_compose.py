@@ -12,16 +12,13 @@ metrics endpoints say so.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,7 @@ from brama_mq.cli import main as cli_main
 from brama_mq.transport import Topology
 from tests import brokers
 from tests.metrics_helpers import free_port, scrape, value, wait_for
-from tests.worker_proc import ROOT, worker_env
+from tests.worker_proc import ROOT, LoggedProcess, worker_env
 
 COMPOSE = ROOT / "compose"
 COMPOSE_BROKER = "amqp://brama:brama@rabbitmq:5672//"
@@ -147,45 +144,16 @@ def test_prometheus_scrapes_every_metrics_endpoint_and_the_dashboard_asks_for_ou
     assert asked == exported, asked ^ exported
 
 
-class Service:
+class Service(LoggedProcess):
     """One compose service's command as a local process (own process group, one log)."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str],
                  log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            local_argv(argv), env=dict(env), cwd=ROOT, stdout=self._log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while self.output().count(text) < count:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n"
-                                     f"{self.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not log {text!r}:\n"
-                                     f"{self.output()[-4000:]}")
-            time.sleep(0.05)
+        self.name = self.label = name
+        super().__init__(log_dir / f"{name}.log", local_argv(argv), env, new_session=True)
 
     def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(15)
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-            self._log.close()
+        self.close_group(15)
 
 
 def local_argv(argv: Sequence[str]) -> list[str]:

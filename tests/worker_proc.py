@@ -45,22 +45,21 @@ def run_cli(
     )
 
 
-class WorkerProcess:
-    """One ``brama-mq worker`` subprocess; ``close()`` kills it if it still runs."""
+class LoggedProcess:
+    """A subprocess of this checkout whose stdout and stderr go to one log file that the
+    test polls; ``label`` names it in failures."""
 
-    def __init__(
-        self, log_path: Path, settings: Mapping[str, str], args: Sequence[str] = ()
-    ) -> None:
+    label = "process"
+
+    def __init__(self, log_path: Path, argv: Sequence[str], env: Mapping[str, str],
+                 *, new_session: bool = False) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (owned by the Popen until close)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "brama_mq.cli", "worker", *args],
-                env=worker_env(settings),
-                cwd=ROOT,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                list(argv), env=dict(env), cwd=ROOT, stdout=self._log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=new_session,
             )
         except BaseException:
             self._log.close()
@@ -74,11 +73,11 @@ class WorkerProcess:
         return self.proc.poll() is None
 
     def output(self) -> str:
-        """Everything the worker wrote so far (stdout and stderr, interleaved)."""
+        """Everything it wrote so far (stdout and stderr, interleaved)."""
         return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, text: str, timeout: float = 30.0, count: int = 1) -> str:
-        """Poll the log until ``text`` occurs ``count`` times; fail if the worker exits first."""
+        """Poll the log until ``text`` occurs ``count`` times; fail if it exits first."""
         deadline = time.monotonic() + timeout
         while True:
             out = self.output()
@@ -86,11 +85,41 @@ class WorkerProcess:
                 return out
             if not self.alive():
                 raise AssertionError(
-                    f"worker exited ({self.proc.returncode}) before logging {text!r}:\n{out}"
+                    f"{self.label} exited ({self.proc.returncode}) before logging {text!r}:"
+                    f"\n{out}"
                 )
             if time.monotonic() > deadline:
-                raise AssertionError(f"worker did not log {text!r} within {timeout} s:\n{out}")
+                raise AssertionError(
+                    f"{self.label} did not log {text!r} within {timeout} s:\n{out}"
+                )
             time.sleep(0.02)
+
+    def close_group(self, timeout: float = 15.0) -> None:
+        """SIGTERM (a graceful stop), then SIGKILL to its whole process group (it must
+        have been started with ``new_session``) if it lingers; closes the log."""
+        try:
+            if self.alive():
+                self.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            self._log.close()
+
+
+class WorkerProcess(LoggedProcess):
+    """One ``brama-mq worker`` subprocess; ``close()`` kills it if it still runs."""
+
+    label = "worker"
+
+    def __init__(
+        self, log_path: Path, settings: Mapping[str, str], args: Sequence[str] = ()
+    ) -> None:
+        super().__init__(log_path, [sys.executable, "-m", "brama_mq.cli", "worker", *args],
+                         worker_env(settings))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until the owner consumes its queue."""
