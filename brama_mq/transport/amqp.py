@@ -455,6 +455,67 @@ def _deliver_parsing_matches() -> bool:
 _OWN_DELIVER = _deliver_parsing_matches()
 
 
+def _fan_out(callbacks: Any) -> Callable[[int, bool], None]:
+    """One ack callback that calls each of ``callbacks`` (py-amqp keeps a set)."""
+
+    def call_all(tag: int, multiple: bool) -> None:
+        for callback in callbacks:
+            callback(tag, multiple)
+
+    return call_all
+
+
+def _drain_frames(
+    conn: Any,
+    reader: _FrameReader,
+    enough: Callable[[], bool],
+    *,
+    deliver_id: int = -1,
+    assembler: _DeliverAssembler | None = None,
+    on_deliver: Callable[[Any], None] | None = None,
+    confirm: Any = None,
+    on_ack: Callable[[int, bool], None] | None = None,
+) -> None:
+    """Process frames already received, without waiting, until ``enough()``: the links'
+    shared frame loop over a :class:`_FrameReader`.
+
+    basic.deliver and its content frames on channel ``deliver_id`` go to ``on_deliver``;
+    basic.ack on the ``confirm`` channel (about one per published message) to
+    ``on_ack(tag, multiple)`` as py-amqp would dispatch it, unless py-amqp itself waits
+    for one; every other frame to py-amqp, in order. Frames handled here are counted as
+    py-amqp's frame handler counts them (heartbeats rely on it).
+    """
+    on_frame = conn.on_inbound_frame
+    next_frame = reader.frame
+    pending: Any = getattr(confirm, "_pending", None) if on_ack is not None else None
+    confirm_id = confirm.channel_id if pending is not None else -1
+    while not enough():
+        frame = next_frame()
+        if frame is None:
+            if not reader.fill_nowait():
+                return
+            continue
+        channel = frame[1]
+        if channel == deliver_id and (
+            assembler.busy or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))  # type: ignore[union-attr]
+        ):
+            conn.bytes_recv += 1
+            on_deliver(frame)  # type: ignore[misc]
+            continue
+        if (
+            channel == confirm_id
+            and frame[0] == 1
+            and frame[2].startswith(_BASIC_ACK)
+            and not confirm.is_closing
+            and _BASIC_ACK_SIG not in pending
+        ):
+            conn.bytes_recv += 1
+            tag, bits = _ACK_ARGS.unpack_from(frame[2], 4)
+            on_ack(tag, bool(bits & 1))  # type: ignore[misc]
+            continue
+        on_frame(frame)
+
+
 class _Inbound:
     """A delivery as the owner link's consumer callback sees it: what py-amqp's Message
     offers to :func:`_to_delivery` (body, properties, delivery_info, channel)."""
@@ -924,44 +985,18 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         if reader is None:
             super()._drain_nowait(enough)
             return
-        conn = self._conn
-        on_frame = conn.on_inbound_frame
-        next_frame = reader.frame
-        # basic.ack on the confirm channel (about one per event) is handled here as py-amqp
-        # would dispatch it (to the channel's basic_ack callbacks), without its dispatch.
         confirm = self._confirm
-        pending: Any = getattr(confirm, "_pending", None)
-        confirm_id = confirm.channel_id if pending is not None else -1
-        on_ack = confirm.events["basic_ack"] if pending is not None else ()
-        # So are basic.deliver and its content frames on the consume channel.
+        on_ack = None
+        if confirm is not None:  # a basic.ack goes where py-amqp would dispatch it
+            callbacks = confirm.events["basic_ack"]
+            on_ack = next(iter(callbacks)) if len(callbacks) == 1 else _fan_out(callbacks)
         consume = self._consume
-        consume_id = consume.channel_id if consume is not None and _OWN_DELIVER else -1
-        on_consume = self._on_consume_frame
-        while not enough():
-            frame = next_frame()
-            if frame is None:
-                if not reader.fill_nowait():
-                    return
-                continue
-            if frame[1] == consume_id and (
-                self._assembler.busy or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
-            ):
-                conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
-                on_consume(frame)
-                continue
-            if (
-                frame[1] == confirm_id
-                and frame[0] == 1
-                and frame[2].startswith(_BASIC_ACK)
-                and not confirm.is_closing
-                and _BASIC_ACK_SIG not in pending
-            ):
-                conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
-                tag, bits = _ACK_ARGS.unpack_from(frame[2], 4)
-                for callback in on_ack:
-                    callback(tag, bool(bits & 1))
-                continue
-            on_frame(frame)
+        _drain_frames(
+            self._conn, reader, enough,
+            deliver_id=consume.channel_id if consume is not None and _OWN_DELIVER else -1,
+            assembler=self._assembler, on_deliver=self._on_consume_frame,
+            confirm=confirm, on_ack=on_ack,
+        )
 
     def _drain_until(self, deadline: float, done: Callable[[], bool]) -> None:
         """Like the base class, but every frame goes through :meth:`_drain_nowait`: it
@@ -1532,24 +1567,8 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         conn = self._conn
         reader = self._reader
         if reader is not None:
-            on_inbound = conn.on_inbound_frame
-            next_frame = reader.frame
-            consume_id = self._consume_id
-            on_deliver = self._on_deliver_frame
-            while not enough():
-                frame = next_frame()
-                if frame is None:
-                    if not reader.fill_nowait():
-                        return
-                    continue
-                if frame[1] == consume_id and (
-                    self._assembler.busy
-                    or (frame[0] == 1 and frame[2].startswith(_BASIC_DELIVER))
-                ):
-                    conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
-                    on_deliver(frame)
-                    continue
-                on_inbound(frame)
+            _drain_frames(conn, reader, enough, deliver_id=self._consume_id,
+                          assembler=self._assembler, on_deliver=self._on_deliver_frame)
             return
         transport = conn.transport
         read_frame = transport.read_frame
@@ -1856,31 +1875,7 @@ class AmqpClientLink(_AmqpLink):
         if reader is None:
             super()._drain_nowait(enough)
             return
-        conn = self._conn
-        on_frame = conn.on_inbound_frame
-        next_frame = reader.frame
-        confirm = self._confirm
-        pending: Any = getattr(confirm, "_pending", None)
-        confirm_id = confirm.channel_id if pending is not None else -1
-        on_ack = self._on_ack
-        while not enough():
-            frame = next_frame()
-            if frame is None:
-                if not reader.fill_nowait():
-                    return
-                continue
-            if (
-                frame[1] == confirm_id
-                and frame[0] == 1
-                and frame[2].startswith(_BASIC_ACK)
-                and not confirm.is_closing
-                and _BASIC_ACK_SIG not in pending
-            ):
-                conn.bytes_recv += 1  # as py-amqp's frame handler counts frames
-                tag, bits = _ACK_ARGS.unpack_from(frame[2], 4)
-                on_ack(tag, bool(bits & 1))
-                continue
-            on_frame(frame)
+        _drain_frames(self._conn, reader, enough, confirm=self._confirm, on_ack=self._on_ack)
 
     # -- callbacks (run inside drain_events, with the lock held) -----------------
     def _on_ack(self, tag: int, multiple: bool) -> None:
