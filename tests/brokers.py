@@ -24,12 +24,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import amqp
+import pytest
 from kombu import Connection
 
 from brama_mq.transport.errors import mask_url
@@ -515,3 +516,26 @@ class PrivateNode:
                 text = f.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"--- {f.name}\n" + "\n".join(text))
         return "\n".join(out)
+
+
+@contextlib.contextmanager
+def running(
+    node: PrivateNode, setup: Callable[[PrivateNode], object] = lambda _: None
+) -> Iterator[PrivateNode]:
+    """``node`` started (then ``setup(node)``) for the ``with`` block, closed after it.
+
+    A node that cannot start, or whose setup fails, fails the test with the node's own
+    words (outside the ``except``, so the report is not a chained traceback)."""
+    problem = None
+    try:
+        node.start()
+        setup(node)
+    except BrokerSetupError as exc:
+        node.close()
+        problem = str(exc)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield node
+    finally:
+        node.close()

@@ -88,19 +88,8 @@ def _session_private_node(
     7-25 s here; tests keep apart by prefix, and each leaves the node's settings as it
     found them)."""
     base: Path = tmp_path_factory.mktemp("rabbit")
-    node = brokers.PrivateNode(base)
-    problem = None
-    try:
-        node.start()
-    except brokers.BrokerSetupError as exc:
-        node.close()
-        problem = str(exc)
-    if problem is not None:
-        pytest.fail(problem, pytrace=False)
-    try:
+    with brokers.running(brokers.PrivateNode(base)) as node:
         yield node
-    finally:
-        node.close()
 
 
 @pytest.fixture(scope="module")

@@ -103,20 +103,13 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Locked]:
             "ssl_options.verify = verify_peer\n"
             "ssl_options.fail_if_no_peer_cert = false\n"
         )
-    problem = None
-    try:
-        node.start()
-        node.ctl("add_vhost", "tenant_b")
-        node.ctl("set_permissions", "-p", "tenant_b", "guest", ".*", ".*", ".*")
-    except brokers.BrokerSetupError as exc:
-        node.close()
-        problem = str(exc)
-    if problem is not None:
-        pytest.fail(problem, pytrace=False)
-    try:
+
+    def second_vhost(n: brokers.PrivateNode) -> None:
+        n.ctl("add_vhost", "tenant_b")
+        n.ctl("set_permissions", "-p", "tenant_b", "guest", ".*", ".*", ".*")
+
+    with brokers.running(node, second_vhost):
         yield Locked(node, tls_port, certs)
-    finally:
-        node.close()
 
 
 def _add_user(node: brokers.PrivateNode, role: str, prefix: str) -> str:
