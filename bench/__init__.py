@@ -26,6 +26,7 @@ SCENARIOS: dict[str, Scenario] = {
     "owner": Scenario("bench.owner", "owner on RabbitMQ: vs a kombu relay, confirm storm, latency"),
     "soak": Scenario("bench.soak", "mixed load with periodic owner kills: takeover, memory, loss"),
     "scale": Scenario("bench.scale", "owner throughput 1 vs 2 shards; connections per GB"),
+    "cluster": Scenario("bench.cluster", "owner on a 3-node cluster vs one node; fault recovery"),
 }
 
 

@@ -135,6 +135,12 @@ def demo(
     "--snapshot-interval", type=str, default=None,
     help="Seconds between registry snapshots [env BRAMA_SNAPSHOT_INTERVAL; default 10].",
 )
+@click.option(
+    "--heartbeat", type=float, default=None,
+    help="AMQP heartbeat in seconds, 0 for off; the owner's lease is half of it: an owner "
+    "without a broker round trip for that long stops acting and reconnects "
+    "[env BRAMA_HEARTBEAT; default 10].",
+)
 def worker(
     broker_url: str | None,
     prefix: str | None,
@@ -144,6 +150,7 @@ def worker(
     log_level: str | None,
     reconnect_timeout: str | None,
     snapshot_interval: str | None,
+    heartbeat: float | None,
     metrics_port: int | None,
     otel: bool,
 ) -> None:
@@ -171,6 +178,7 @@ def worker(
             shards=shards,
             prefetch=prefetch,
             log_level=log_level,
+            heartbeat=heartbeat,
         )
         reconnect_s = _seconds("reconnect-timeout", reconnect_timeout,
                                "BRAMA_RECONNECT_TIMEOUT", 60.0)
@@ -211,7 +219,8 @@ def worker(
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         logging.getLogger("brama_mq.owner").info(
-            "worker starting: broker %s, prefix %s", settings.safe_broker_url, settings.prefix
+            "worker starting: broker %s, prefix %s, heartbeat %g s, lease %g s",
+            settings.safe_broker_url, settings.prefix, settings.heartbeat, owner.lease,
         )
         metrics = _serve_metrics(owner, metrics_port) if metrics_port is not None else None
         if settings.shards > 1 or settings.tls:

@@ -53,6 +53,10 @@ class Settings:
     #: Commands a client keeps while the broker has not confirmed them (buffered while
     #: it is away); beyond that a command raises OutboxFullError.
     client_buffer: int = 10_000
+    #: AMQP heartbeat in seconds (0: off). A connection to a frozen or cut-off node is
+    #: noticed after about two of them, and the owner's lease is half of one
+    #: (docs/operations.md, "Running on a cluster").
+    heartbeat: float = 10.0
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -76,6 +80,15 @@ class Settings:
                 raise SettingsError(f"{name} {path!r} is not a readable file")
         if self.tls_key_file is not None and self.tls_cert_file is None:
             raise SettingsError("tls_key_file is set but tls_cert_file is not")
+        if (
+            isinstance(self.heartbeat, bool)
+            or not isinstance(self.heartbeat, (int, float))
+            or not 0 <= self.heartbeat <= 3600
+        ):
+            raise SettingsError(
+                f"heartbeat must be a number of seconds from 0 (off) to 3600, "
+                f"got {self.heartbeat!r}"
+            )
         if not isinstance(self.tls_verify, bool):
             raise SettingsError(f"tls_verify must be true or false, got {self.tls_verify!r}")
 
@@ -111,8 +124,11 @@ class Settings:
 
     def transport_options(self) -> dict[str, Any]:
         """Keyword arguments for ``open_transport`` beyond the URL and topology."""
+        out: dict[str, Any] = {"heartbeat": self.heartbeat}
         opts = self.ssl_options()
-        return {} if opts is None else {"ssl": opts}
+        if opts is not None:
+            out["ssl"] = opts
+        return out
 
     def __repr__(self) -> str:
         # Written by hand so the password never reaches a log line or a traceback.
@@ -141,6 +157,7 @@ class Settings:
             ("tls_key_file", "BRAMA_TLS_KEY_FILE", str),
             ("tls_verify", "BRAMA_TLS_VERIFY", _flag),
             ("client_buffer", "BRAMA_CLIENT_BUFFER", int),
+            ("heartbeat", "BRAMA_HEARTBEAT", float),
         ):
             raw = env.get(var)
             if raw is None or raw == "" or overrides.get(field) is not None:

@@ -354,9 +354,20 @@ class PrivateNode:
     Measured here: a start takes 7-8 s (11-25 s with the install's 70 plugins).
     """
 
-    def __init__(self, base: Path, *, start_timeout: float = 90.0) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        start_timeout: float = 90.0,
+        name: str | None = None,
+        cookie: str | None = None,
+        conf: str = "",
+        erl_args: str = "",
+    ) -> None:
+        """``name``, ``cookie``, ``conf`` (more rabbitmq.conf lines) and ``erl_args``
+        (more VM arguments) let :class:`tests.cluster.PrivateCluster` join nodes."""
         self.base = base
-        self.name = f"brama-test-{secrets.token_hex(4)}@localhost"
+        self.name = name or f"brama-test-{secrets.token_hex(4)}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
         while self.dist_port == self.port:
@@ -367,14 +378,14 @@ class PrivateNode:
         self._home = base / "home"
         for d in (self._home, base / "mnesia", base / "log"):
             d.mkdir(parents=True, exist_ok=True)
-        cookie = self._home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
-        cookie.chmod(0o400)
+        cookie_file = self._home / ".erlang.cookie"
+        cookie_file.write_text(cookie or secrets.token_hex(20).upper())
+        cookie_file.chmod(0o400)
         (base / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
             "log.console = false\n"
             "log.file.level = info\n"
-            "disk_free_limit.absolute = 10MB\n"
+            "disk_free_limit.absolute = 10MB\n" + conf
         )
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq-env.conf").write_text("")
@@ -390,7 +401,9 @@ class PrivateNode:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
+                "-kernel inet_dist_use_interface {127,0,0,1} " + erl_args
+            ).strip(),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
         plugins = core_plugins(base, rabbit_bin("rabbitmq-server"))
@@ -500,6 +513,11 @@ class PrivateNode:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the node's whole process group (SIGSTOP/SIGCONT: a frozen node)."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, sig)
 
     def close(self) -> None:
         """Kill the node's process group: its data is thrown away, so no shutdown."""

@@ -249,3 +249,26 @@ def test_no_critical_event_lost_when_connections_are_closed_mid_storm(setup: Set
     for w in (worker, standby):
         w.terminate()
         assert w.wait(20) == 0, w.output()
+
+
+def test_worker_survives_a_frozen_node_and_serves_again(setup: Setup) -> None:
+    """SIGSTOP of the worker's only node for longer than its lease: the owner gets no
+    confirm, so it stops acting ("owner lease lost"), drops the connection and keeps
+    trying to reconnect; after SIGCONT it takes the queue again through a new takeover
+    and serves. The worker never exits (issue 14: a broker fault never ends a worker)."""
+    worker = setup.start_worker(BRAMA_HEARTBEAT="2")  # lease 1 s
+    worker.wait_active()
+    setup.client.register("frozen", max_attempts=2, expiry_ms=3_600_000, wait=True)
+    try:
+        setup.node.signal_group(signal.SIGSTOP)
+        worker.wait_for_log("owner lease lost", timeout=20)
+        time.sleep(3)  # reconnect attempts against the frozen node time out meanwhile
+    finally:
+        setup.node.signal_group(signal.SIGCONT)
+    worker.wait_active(timeout=60, count=2)
+    for _ in range(2):
+        setup.client.failure("frozen", reason="after the freeze", wait=True)
+    assert setup.client.status("frozen")["state"] == "open"
+    assert worker.alive(), worker.output()
+    out = worker.output()
+    assert "Traceback" not in out, out

@@ -23,7 +23,7 @@ def pem(tmp_path: Path) -> str:
 def test_plain_url_has_no_tls() -> None:
     """No amqps:// and no option: no ssl argument at all."""
     s = Settings.from_env({}, broker_url="amqp://u:p@h:5672//")
-    assert not s.tls and s.ssl_options() is None and s.transport_options() == {}
+    assert not s.tls and s.ssl_options() is None and s.transport_options() == {"heartbeat": 10.0}
 
 
 def test_amqps_url_verifies_chain_and_host_name() -> None:

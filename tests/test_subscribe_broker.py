@@ -5,6 +5,7 @@ matcher), unsubscribe variants, one queue and one delivery per process, named qu
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 import uuid
@@ -334,3 +335,61 @@ def test_an_unbounded_named_dead_queue_from_before_is_kept(
     finally:
         brama_mq.unsubscribe()
         old.close()
+
+
+def _queue_types(names: list[str]) -> dict[str, str]:
+    """``{queue: type}`` of the shared broker's queues among ``names`` (rabbitmqctl)."""
+    out = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name",
+                          "type"], capture_output=True, text=True, timeout=60, check=True)
+    found = dict(line.split()[:2] for line in out.stdout.splitlines() if line.strip())
+    return {n: found.get(n, "missing") for n in names}
+
+
+def test_named_subscriptions_are_quorum_queues_by_default(stack: Stack) -> None:
+    """A named subscription's queue and its dead queue are quorum queues unless
+    ``quorum=False`` is asked for (a classic queue is lost while its one node is down)."""
+    t = stack.transport
+    replicated, classic = _name(), _name()
+    topo = t.topology
+    subs = [brama_mq.subscribe(connection="c", name=replicated, handler=lambda e: None,
+                               transport=t).start(),
+            brama_mq.subscribe(connection="c", name=classic, quorum=False,
+                               handler=lambda e: None, transport=t).start()]
+    try:
+        types = _queue_types([topo.subscription_queue(replicated),
+                              topo.subscription_dead_queue(replicated),
+                              topo.subscription_queue(classic)])
+        assert types == {topo.subscription_queue(replicated): "quorum",
+                         topo.subscription_dead_queue(replicated): "quorum",
+                         topo.subscription_queue(classic): "classic"}
+    finally:
+        for sub in subs:
+            sub.delete()
+
+
+def test_a_classic_named_queue_from_before_is_kept_and_receives(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``{p}.sub.<name>`` made classic by an earlier version still serves its subscriber:
+    one warning names the queue as classic and the migration section, and the events it
+    holds and gets are handled."""
+    t = stack.transport
+    name = _name()
+    queue, dead = t.topology.subscription_queue(name), t.topology.subscription_dead_queue(name)
+    old = brokers.WireProbe(t.url, queue, declare=False)
+    old._ch.queue_declare(queue, durable=True, auto_delete=False, arguments={
+        "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead})
+    got: list[Event] = []
+    try:
+        with caplog.at_level("WARNING", logger="brama_mq.transport.amqp"):
+            sub = brama_mq.subscribe(connection="c", events="registration", name=name,
+                                     handler=got.append, transport=t).start()
+        stack.client.register("c", wait=True)
+        wait_until(lambda: len(got) == 1, 10)
+        warned = [r.getMessage() for r in caplog.records if queue + " " in r.getMessage()]
+        assert len(warned) == 1 and "classic queue" in warned[0], warned
+        assert "Migrating classic queues" in warned[0]
+        sub.delete()
+    finally:
+        old.close()
+        t.delete_queues([queue, dead])

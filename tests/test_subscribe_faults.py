@@ -305,15 +305,18 @@ def test_full_dead_letter_queue_drops_its_oldest_and_never_holds_the_owner_back(
 
 
 def test_dead_queue_arguments_bound_it_and_are_checked() -> None:
-    """The dead queue is declared with drop-head limits by default; None lifts a limit;
+    """The dead queue is a quorum queue (replicated on a cluster) with drop-head limits by
+    default; None lifts a limit;
     nonsense is refused naming the field."""
     assert Topology("p").dead_queue_arguments() == {
+        "x-queue-type": "quorum",
         "x-max-length": 100_000, "x-max-length-bytes": 128 * 1024 * 1024,
         "x-overflow": "drop-head",
     }
-    assert Topology("p", dead_max_length=None, dead_max_bytes=None).dead_queue_arguments() == {}
+    assert Topology("p", dead_max_length=None, dead_max_bytes=None).dead_queue_arguments() == {
+        "x-queue-type": "quorum"}
     assert Topology("p", dead_max_bytes=None).dead_queue_arguments() == {
-        "x-max-length": 100_000, "x-overflow": "drop-head"}
+        "x-queue-type": "quorum", "x-max-length": 100_000, "x-overflow": "drop-head"}
     with pytest.raises(ValueError, match="dead_max_length"):
         Topology("p", dead_max_length=0)
     with pytest.raises(ValueError, match="dead_max_bytes"):
@@ -370,17 +373,30 @@ def _seqs_of_conn(stack: Stack, connection: str) -> list[int]:
     return [e.seq for e in stack.events if e.connection == connection]
 
 
+#: ``{prefix}.dead`` as earlier versions declared it: classic, unbounded or bounded.
+LEGACY_DEAD_QUEUES = [
+    ("classic unbounded", {}, "unbounded"),
+    ("classic bounded", {"x-max-length": 100_000, "x-max-length-bytes": 128 * 1024 * 1024,
+                         "x-overflow": "drop-head"}, "classic queue"),
+]
+
+
 @pytest.mark.broker
-def test_an_unbounded_dead_queue_from_before_is_kept_and_the_owner_starts(
+@pytest.mark.parametrize(("shape", "arguments", "said"), LEGACY_DEAD_QUEUES,
+                         ids=[c[0] for c in LEGACY_DEAD_QUEUES])
+def test_a_dead_queue_from_before_is_kept_and_the_owner_starts(
     broker_url: str, prefix: str, broker_registry: brokers.Registry,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, shape: str, arguments: dict[str, Any], said: str,
 ) -> None:
-    """A ``{prefix}.dead`` declared without the limits (by an earlier version) does not
-    stop the owner: RabbitMQ refuses the new arguments, the transport says so in a
-    warning naming the queue, keeps the queue as it is, and dead-letters into it."""
+    """A ``{prefix}.dead`` declared by an earlier version (classic, with or without the
+    limits) does not stop the owner: RabbitMQ refuses the new arguments, the transport says
+    so in one warning naming the queue and the migration section, keeps the queue as it
+    is, and dead-letters into it."""
     t = AmqpTransport(broker_url, Topology(prefix), connect_timeout=5)
     broker_registry.track_transport(prefix, t)
-    old = brokers.WireProbe(broker_url, t.topology.dead_queue)  # durable, no arguments
+    old = brokers.WireProbe(broker_url, t.topology.dead_queue, declare=False)
+    old._ch.queue_declare(t.topology.dead_queue, durable=True, auto_delete=False,
+                          arguments=arguments)
     try:
         with caplog.at_level("WARNING", logger="brama_mq.transport.amqp"), \
                 owner_stack(t) as stack:
@@ -388,8 +404,10 @@ def test_an_unbounded_dead_queue_from_before_is_kept_and_the_owner_starts(
             stack.client.link.send(b"not json")
             assert old.wait_depth(1, 10) == 1
             stack.client.failure("c", wait=True)  # and it goes on
-        assert any(t.topology.dead_queue in r.getMessage() and "unbounded" in r.getMessage()
-                   for r in caplog.records)
+        warned = [r.getMessage() for r in caplog.records
+                  if t.topology.dead_queue in r.getMessage() and r.levelname == "WARNING"]
+        assert len(warned) == 1, warned
+        assert said in warned[0] and "Migrating classic queues" in warned[0], warned[0]
     finally:
         old.close()
         t.close()

@@ -42,3 +42,15 @@ def test_error_classes(label: str, exc: BaseException, kind: type[TransportError
     mapped = map_error(exc, "connect", URL)
     assert type(mapped) is kind, (label, type(mapped), mapped)
     assert "s3cret" not in str(mapped)
+
+
+def test_a_queue_whose_home_node_is_down_names_the_migration() -> None:
+    """The 404 of a queue whose home node is down is worth retrying (a restarting node), and
+    its message names the lasting cause on a cluster: a legacy classic queue, and where the
+    migration step is documented."""
+    exc = amqp_exc.NotFound("Queue.declare: (404) NOT_FOUND - home node 'rabbit@c1' of durable "
+                            "queue 'p.dead' in vhost '/' is down or inaccessible")
+    mapped = map_error(exc, "declare", URL)
+    assert isinstance(mapped, BrokerStartingError)
+    assert "'p.dead'" in str(mapped) and "classic queue" in str(mapped)
+    assert "Migrating classic queues" in str(mapped)

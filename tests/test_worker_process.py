@@ -152,7 +152,7 @@ def test_flags_override_environment(
     }
     w = _start(workers, tmp_path, settings, "--prefix", prefix, "--prefetch", "7")
     log = w.output()
-    assert f"prefix {prefix}\n" in log and f"owner serving {prefix}.owner" in log, log
+    assert f"prefix {prefix}," in log and f"owner serving {prefix}.owner" in log, log
     with Brama(transport=amqp_transport) as client:
         applied = client.register("flagged", wait=True)
         assert applied is not None and applied.event_names == [

@@ -81,17 +81,34 @@ def _celery_broker_url(app: Any) -> str:
         conn.release()
 
 
+def _failover_list(value: Any) -> str | None:
+    """A URL setting as one ``;``-separated failover list (Celery also takes a list)."""
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value) or None
+    return str(value) if value else None
+
+
 def _broker_url(app: Any) -> str:
-    url = str(_conf(app, "brama_broker_url") or _celery_broker_url(app))
-    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
-    if scheme not in AMQP_SCHEMES:
-        raise SettingsError(
-            f"brama_mq needs RabbitMQ, but the broker is {scheme}://...: set brama_broker_url "
-            "to an amqp:// URL"
-        )
-    if scheme in ("pyamqp", "librabbitmq"):
-        url = "amqp" + url[len(scheme) :]
-    return url
+    """``brama_broker_url``, else Celery's own broker: every host of its failover list
+    (``as_uri`` alone would name only the first), so the runtime rides through the loss
+    of a cluster node as Celery does."""
+    url = _failover_list(_conf(app, "brama_broker_url"))
+    if url is None:
+        celery_url = _failover_list(app.conf.get("broker_url"))
+        url = celery_url if celery_url and ";" in celery_url else _celery_broker_url(app)
+    hosts = []
+    for one in url.split(";"):
+        one = one.strip()
+        scheme = one.split("://", 1)[0].split("+", 1)[0].lower()
+        if scheme not in AMQP_SCHEMES:
+            raise SettingsError(
+                f"brama_mq needs RabbitMQ, but the broker is {scheme}://...: set "
+                "brama_broker_url to an amqp:// URL"
+            )
+        if scheme in ("pyamqp", "librabbitmq"):
+            one = "amqp" + one[len(scheme):]
+        hosts.append(one)
+    return ";".join(hosts)
 
 
 def _tls_conf(app: Any) -> dict[str, Any]:
@@ -133,6 +150,7 @@ def app_settings(app: Any) -> dict[str, Any]:
             broker_url=_broker_url(app),
             prefix=_conf(app, "brama_prefix"),
             shards=_conf(app, "brama_shards"),
+            heartbeat=_conf(app, "brama_heartbeat"),
             **_tls_conf(app),
         )
     return {

@@ -173,6 +173,8 @@ class Engine:
         self._timers: list[tuple[int, int, int, _Conn, int]] = []
         self._order = itertools.count()
         self._next_lease = 1  # in snapshots, so a restored engine never reissues a lease id
+        #: Stamped on every event; the owner sets it at a takeover (see core/ordering.py).
+        self.epoch = 0
         self._ops: dict[str, Callable[[CommandLike, int], Result]] = {
             "register": self._cmd_register,
             "unregister": self._cmd_unregister,
@@ -237,6 +239,7 @@ class Engine:
             "metadata": c.metadata or {},
             "policy": policy.to_options(),
             "seq": c.seq,
+            "epoch": self.epoch,
         }
 
     # ------------------------------------------------------------------ commands
@@ -590,7 +593,9 @@ class Engine:
         data: dict[str, Any] = {"state": c.state, "failure_count": c.failure_count}
         if extra:
             data.update(extra)
-        return Event(kind, now, c.connection, c.scope, f"{c.id_base}{seq:08x}", seq, data)
+        return Event(
+            kind, now, c.connection, c.scope, f"{c.id_base}{seq:08x}", seq, data, self.epoch
+        )
 
     def _push(self, when: int, kind: int, c: _Conn, gen: int) -> None:
         heapq.heappush(self._timers, (when, next(self._order), kind, c, gen))
@@ -652,6 +657,7 @@ class Engine:
             "connections": conns,
             "removed_seq": last_seq,
             "next_lease": self._next_lease,
+            "epoch": self.epoch,
         }
 
     def snapshot_header(self) -> dict[str, Any]:
@@ -663,6 +669,7 @@ class Engine:
             "connections": [],
             "removed_seq": [[k[0], k[1], s] for k, s in self._last_seq.items()],
             "next_lease": self._next_lease,
+            "epoch": self.epoch,
         }
 
     def dump_connections(self, size: int) -> Iterator[list[dict[str, Any]]]:
@@ -694,6 +701,7 @@ class Engine:
         for scope, connection, seq in snapshot.get("removed_seq", []):
             engine._last_seq[(scope, connection)] = seq
         engine._next_lease = snapshot.get("next_lease", 1)
+        engine.epoch = int(snapshot.get("epoch", 0))
         return engine
 
     def _arm(self, c: _Conn) -> None:

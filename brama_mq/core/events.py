@@ -62,6 +62,10 @@ class Event:
     id: str
     seq: int
     data: dict[str, Any] = field(default_factory=dict)
+    #: The owner's epoch: its takeover record's journal offset + 1 (0 before any takeover,
+    #: or without a journal). Orders events of one connection with ``seq``, see
+    #: :mod:`brama_mq.core.ordering`.
+    epoch: int = 0
 
     @property
     def critical(self) -> bool:
@@ -75,5 +79,6 @@ class Event:
             "scope": self.scope,
             "id": self.id,
             "seq": self.seq,
+            "epoch": self.epoch,
             "data": self.data,
         }

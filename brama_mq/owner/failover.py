@@ -229,9 +229,9 @@ class Replica:
         """Apply what the journal has (waiting up to ``timeout`` s); returns records read."""
         assert self.reader is not None
         records = self.reader.read(timeout)
-        for _, body in records:
+        for offset, body in records:
             try:
-                self.follower.feed(body)
+                self.follower.feed(body, offset)
             except SnapshotMismatch as exc:
                 self._from_start(str(exc))
                 return len(records)
@@ -256,9 +256,9 @@ class Replica:
             if batch:
                 last_record = now
                 records += len(batch)
-            for _, body in batch:
+            for offset, body in batch:
                 try:
-                    record = self.follower.feed(body)
+                    record = self.follower.feed(body, offset)
                 except SnapshotMismatch as exc:
                     self._from_start(str(exc))
                     restarted = True

@@ -408,13 +408,15 @@ class SnapshotMismatch(Exception):
 class Follower:
     """A replica: feeds accepted journal records into its engine (see the module doc).
 
-    ``retained`` keeps the critical events of the last accepted batches, so a new owner
-    can publish again those of batches after ``acked`` (their confirms may never have
-    reached the owner that wrote them): at least once, with the same ids and seqs.
+    ``retained`` keeps every event (transient ones too) of the accepted batches after
+    ``acked``, so a new owner can publish them again (their confirms may never have
+    reached the owner that wrote them): at least once, with the same ids, seqs and epoch,
+    and a subscriber's seq gap means a real loss. Batches at or before ``acked`` are
+    dropped as they are proven; ``retain`` bounds the events kept beyond that.
     """
 
     def __init__(
-        self, engine: Engine, applied: AppliedIds | None = None, *, retain: int = 512,
+        self, engine: Engine, applied: AppliedIds | None = None, *, retain: int = 20_000,
         seek: Snapshot | None = None,
     ) -> None:
         self.engine = engine
@@ -425,7 +427,10 @@ class Follower:
         self.acked = 0
         self.accepted = 0
         self.ignored = 0
-        self.retained: deque[tuple[int, list[Event]]] = deque(maxlen=retain)
+        self.retained: deque[tuple[int, list[Event]]] = deque()
+        self.retain = retain
+        self.retained_events = 0
+        self.retained_dropped = 0  # unproven events dropped past ``retain`` (logged)
         self._seek = seek
         self._takeover_seen: str | None = None
         if seek is not None:
@@ -437,9 +442,10 @@ class Follower:
         """Still looking for the record the snapshot follows (nothing is applied yet)."""
         return self._seek is not None
 
-    def feed(self, body: bytes) -> JournalBatch | None:
+    def feed(self, body: bytes, offset: int | None = None) -> JournalBatch | None:
         """Take one record; returns it decoded (None if it is not a journal record, or
-        was skipped unread while seeking)."""
+        was skipped unread while seeking). A takeover record at stream ``offset`` starts
+        epoch ``offset + 1``: the engine stamps it on every event after it."""
         seek = self._seek
         if seek is not None and not _may_matter(body, seek.owner):
             return None  # seeking: neither a takeover nor the snapshot owner's batch
@@ -465,11 +471,15 @@ class Follower:
                     )
                 self._seek = None
                 self.owner, self.n, self.acked = seek.owner, seek.n, seek.n
+                if record.kind == TAKEOVER and offset is not None:
+                    self.engine.epoch = offset + 1
             return record
         if record.kind == TAKEOVER:
             self.previous_owner = self.owner
             self.owner = record.owner
             self.accepted += 1
+            if offset is not None:
+                self.engine.epoch = offset + 1
             return record
         if record.owner != self.owner or record.n != self.n + 1:
             self.ignored += 1
@@ -479,13 +489,29 @@ class Follower:
         self.n = record.n
         self.acked = record.acked
         self.accepted += 1
-        critical = [e for e in events if e.critical]
-        if critical:
-            self.retained.append((record.n, critical))
+        self._retain(record.n, events)
         return record
 
+    def _retain(self, n: int, events: list[Event]) -> None:
+        retained = self.retained
+        if events:
+            retained.append((n, events))
+            self.retained_events += len(events)
+        while retained and (
+            retained[0][0] <= self.acked or self.retained_events > self.retain
+        ):
+            first, dropped = retained.popleft()
+            self.retained_events -= len(dropped)
+            if first > self.acked:
+                if not self.retained_dropped:
+                    log.warning(
+                        "more than %d events wait for proof of publication; older ones "
+                        "would not be published again at a takeover", self.retain,
+                    )
+                self.retained_dropped += len(dropped)
+
     def unconfirmed_events(self, acked: int | None = None) -> list[Event]:
-        """Critical events of accepted batches after the last one known confirmed
-        (``acked``, if the caller knows better than the journal)."""
+        """Every event of accepted batches after the last one known confirmed
+        (``acked``, if the caller knows better than the journal), in publish order."""
         acked = self.acked if acked is None else max(acked, self.acked)
         return [e for n, events in self.retained if n > acked for e in events]

@@ -47,6 +47,7 @@ from brama_mq.core.engine import ALREADY_REGISTERED, APPLIED, Advance, Engine, R
 from brama_mq.core.events import Event
 from brama_mq.core.routing import routing_key
 from brama_mq.errors import (
+    AccessRefusedError,
     BramaError,
     BrokerStartingError,
     BrokerUnavailableError,
@@ -62,6 +63,7 @@ from brama_mq.owner.journal import (
     JournalWriter,
     encode_snapshot_parts,
 )
+from brama_mq.owner.lease import Lease, default_lease
 from brama_mq.owner.queries import answer_query
 from brama_mq.protocol import QUERY_OPS, Reply, decode_command, encode_event, encode_reply
 from brama_mq.transport.base import (
@@ -91,6 +93,9 @@ _PING_EVERY_S = 0.5
 _STANDBY_POLL_S = 0.05
 #: A takeover gives up (and is tried again) once the journal sends nothing this long.
 _CATCH_UP_TIMEOUT_S = 60.0
+#: After a broker fault that is not an outage (a confirm timeout, a channel error), the
+#: owner drops its connection and waits this long before the next round.
+_FAULT_PAUSE_S = 0.5
 _RETRY_TAKEOVER_S = 1.0
 #: Snapshots wait at least this many times as long as the last one took to write.
 _SNAPSHOT_DUTY = 5.0
@@ -125,10 +130,26 @@ class PipelinedLink(Protocol):
         """The highest mark all of whose publishes are confirmed (never blocks)."""
         ...
 
+    def proven_mark(self) -> int:
+        """At least :meth:`confirmed_mark`; also the newest confirmed ping's mark."""
+        ...
+
     def fetch(
         self, max_messages: int, timeout: float, until: Callable[[], bool] | None = None
     ) -> list[Delivery]:
         """:meth:`OwnerLink.fetch` that also returns (maybe empty) once ``until()``."""
+        ...
+
+    #: Whether a reconnect publishes again what was unconfirmed (a journaled owner says
+    #: no: whoever takes over republishes from the journal).
+    republish_on_reconnect: bool
+
+    def ping(self, confirmed: bool = False) -> None:
+        """A ping to the owner queue; ``confirmed``: tracked by :meth:`confirm_mark`."""
+        ...
+
+    def abandon(self, reason: str) -> None:
+        """Drop the connection now (no handshake); the next call reconnects elsewhere."""
         ...
 
 
@@ -193,6 +214,7 @@ class Owner:
         journal: bool = True,
         snapshot_interval: float = 10.0,
         snapshot_part_size: int = SNAPSHOT_PART_CONNECTIONS,
+        lease: float | None = None,
     ) -> None:
         self.transport = transport
         self._initial_engine = engine
@@ -220,6 +242,13 @@ class Owner:
         self._snapshot_n = -1
         self._snapshot_took = 0.0  # how long the last snapshot took to write
         self._journal_bytes = 0  # journal written since the last snapshot
+        #: Seconds this owner may act without a broker round trip (see
+        #: :mod:`brama_mq.owner.lease`); by default half the transport's heartbeat.
+        self.lease = lease if lease is not None else default_lease(
+            float(getattr(transport, "heartbeat", 0) or 0)
+        )
+        self._lease = Lease(self.lease, time.monotonic())
+        self._lease_epoch = -1  # the link epoch the lease was last granted for
         self._journal_stream = transport.topology.journal_stream(shard)
         self._snapshot_stream = transport.topology.snapshot_stream(shard)
         self.prefetch = prefetch
@@ -291,18 +320,25 @@ class Owner:
                     else:
                         self._standby_step(link)
                     self._outages_in_a_row = 0
+                except AccessRefusedError:
+                    raise  # permissions: configuration, not a fault of the broker
                 except BrokerUnavailableError as exc:
                     if self._stop.is_set():
                         raise
                     self._outage(exc)
+                except TransportError as exc:
+                    if self._stop.is_set():
+                        raise
+                    self._fault(link, exc)
             self._settle(link, block=True)  # the batches in hand are finished and acked
             if self._active and self._journaled:
                 self._snapshot(link)
                 link.wait_confirms(_CONFIRM_TIMEOUT_S)
-        except BrokerUnavailableError:
+        except TransportError as exc:
             if not self._stop.is_set():
                 raise
-            log.warning("stopped while the broker is unreachable; unacked commands are redelivered")
+            log.warning("stopped while the broker is unreachable or failing (%s); unacked "
+                        "commands are redelivered", exc)
         finally:
             self._link = None
             self._inflight.clear()  # unacked: the broker redelivers them
@@ -331,6 +367,9 @@ class Owner:
                     prefetch=self.prefetch, shard=self.shard
                 )
                 self._journaled = self.journal and supports_journal(self.transport, link)
+                pipelined = self._pipelined(link)
+                if self._journaled and pipelined is not None:
+                    pipelined.republish_on_reconnect = False
                 if self._journaled:
                     self._jw = JournalWriter(self.engine.lineage)
                     self._standby(link)
@@ -361,6 +400,58 @@ class Owner:
         if self._journaled:
             self._step_down("the broker went away")
         self._stop.wait(pause)
+
+    def _fault(self, link: OwnerLink, exc: TransportError) -> None:
+        """A broker fault that is not an outage (confirms that never came, a channel the
+        broker closed): drop the connection, step down, and start again through the
+        failover list. Only bad configuration ends a worker."""
+        self.stats.outages += 1
+        log.warning("broker fault (%s); dropping the connection and starting again", exc)
+        if self._journaled:
+            self._step_down(f"broker fault: {exc}")
+        pipelined = self._pipelined(link)
+        if pipelined is not None:
+            pipelined.abandon(f"broker fault: {type(exc).__name__}")
+        self._stop.wait(_FAULT_PAUSE_S * random.uniform(0.5, 1.0))
+
+    def _lease_lost(self, link: OwnerLink, pipelined: PipelinedLink, now: float) -> None:
+        """No broker round trip within the lease: this owner can no longer show that it
+        holds the queue, so it stops applying and publishing, and reconnects (through
+        the failover list) as a standby; it serves again only through a new takeover."""
+        silent = now - self._lease.proven
+        why = f"no broker round trip for {silent:.1f} s (lease {self.lease:.1f} s)"
+        if self._active:
+            log.warning("owner lease lost: %s; stepping down", why)
+        else:
+            log.warning("standby lost touch with the broker: %s; reconnecting", why)
+        self._step_down(f"lease lost: {why}")
+        self._held = []  # deliveries of the connection dropped below: redelivered
+        pipelined.abandon(f"lease lost: {why}")
+        # Granted again once the link has reconnected (its epoch changes); until then
+        # this owner is a standby and acts on nothing.
+        self._lease.grant(now)
+        self._lease_epoch = -1
+
+    def _check_lease(self, link: OwnerLink) -> bool:
+        """Renew the lease if due; False (after stepping down) once it has run out. Only
+        for links that track confirms (AMQP); the memory transport cannot lose touch."""
+        pipelined = self._pipelined(link)
+        if pipelined is None:
+            return True
+        lease = self._lease
+        now = time.monotonic()
+        epoch = _jl(link).epoch
+        if epoch != self._lease_epoch:  # a fresh connection: its handshake was a round trip
+            self._lease_epoch = epoch
+            lease.grant(now)
+        lease.confirmed(pipelined.proven_mark())
+        if lease.expired(now):
+            self._lease_lost(link, pipelined, now)
+            return False
+        if lease.renewal_due(now):
+            pipelined.ping(confirmed=True)
+            lease.sent(pipelined.confirm_mark(), now)
+        return True
 
     def _step_down(self, why: str) -> None:
         """Stop acting as the active owner: another may have the queue by now, so the
@@ -409,6 +500,8 @@ class Owner:
             replica.poll(_STANDBY_POLL_S / 2)
             self.engine = replica.engine
             self.applied = replica.follower.applied
+            if not self._check_lease(link):
+                return
             now = time.monotonic()
             if now - self._last_ping >= _PING_EVERY_S:
                 self._last_ping = now
@@ -426,6 +519,7 @@ class Owner:
         replica = self._replica
         assert replica is not None and self._jw is not None
         token = uuid.uuid4().hex[:16]
+        sent = time.monotonic()
         _jl(link).append(self._journal_stream, self._jw.takeover(token))
         try:
             replica.catch_up(token, _CATCH_UP_TIMEOUT_S, self._stop.is_set)
@@ -444,17 +538,25 @@ class Owner:
             and not replica.from_snapshot
         ):  # an empty journal: the engine given to the constructor is the registry
             engine = self._initial_engine
+        engine.epoch = follower.engine.epoch
         self.engine = engine
         self.applied = follower.applied
         # The same process taking the queue back knows what it saw confirmed itself.
         mine = self._acked_n if follower.previous_owner == self._token != "" else None
         again = follower.unconfirmed_events(mine)
-        self._n = self._base_n = self._acked_n = follower.n
+        self._n = self._base_n = follower.n
+        # Proven only once the events published again are confirmed (their batch in
+        # flight carries journal_n = follower.n): a crash before that leaves them to the
+        # next owner, which publishes them again too.
+        self._acked_n = max(follower.acked, mine or 0) if again else follower.n
         self._token = token
         replica.close()
         self._replica = None
         self._active = True
         self._active_epoch = epoch
+        # The record came back through the journal: the broker had it after ``sent``.
+        self._lease.grant(sent)
+        self._lease_epoch = epoch
         self._last_snapshot = time.monotonic()
         self._snapshot_n = -1
         took = time.monotonic() - t0
@@ -462,8 +564,9 @@ class Owner:
         self.stats.last_takeover_s = took
         self.stats.republished += len(again)
         log.info(
-            "owner active: took over in %.3f s at journal batch %d (%d connections, "
-            "%d critical events published again)", took, self._n, len(engine), len(again),
+            "owner active: took over in %.3f s at journal batch %d, epoch %d (%d "
+            "connections, %d events published again, %d of them critical)", took, self._n,
+            engine.epoch, len(engine), len(again), sum(e.critical for e in again),
         )
         if telemetry.enabled:
             telemetry.execute(_T_TAKEOVER, {"duration": took, "republished": len(again)},
@@ -543,6 +646,8 @@ class Owner:
             if _jl(link).epoch != self._active_epoch:
                 self._step_down("the connection to the broker was replaced")
                 return 0
+            if not self._check_lease(link):
+                return 0
             self._maybe_snapshot(link)
         now = self.clock_ms()
         due = self._advance(now)
@@ -575,6 +680,11 @@ class Owner:
         else:
             deliveries = pipelined.fetch(size, wait)
         if deliveries and self._replaced(link, deliveries):
+            return 0
+        if deliveries and self._journaled and self._lease.expired(time.monotonic()):
+            # The fetch waited past the lease: apply nothing; the connection is dropped
+            # and the broker hands these to whoever holds the queue.
+            self._lease_lost(link, pipelined, time.monotonic())
             return 0
         if deliveries:
             self._submit(link, deliveries)
@@ -697,10 +807,11 @@ class Owner:
         critical = self._publish(link, events) if events else 0
         pipelined = self._pipelined(link)
         mark = pipelined.confirm_mark() if pipelined is not None else 0
-        self._inflight.append(
-            _InFlight(mark, bool(critical or confirmed or self._journaled), ack_tag, replies,
-                      time.monotonic(), self._n)
-        )
+        since = time.monotonic()
+        confirm = bool(critical or confirmed or self._journaled)
+        self._inflight.append(_InFlight(mark, confirm, ack_tag, replies, since, self._n))
+        if confirm and pipelined is not None:
+            self._lease.sent(mark, since)
 
     def _settle(self, link: OwnerLink, *, block: bool) -> None:
         """Ack, in order, the batches in flight whose confirms are all in, then answer
@@ -711,12 +822,26 @@ class Owner:
         if not inflight:
             return
         pipelined = self._pipelined(link)
+        if self._journaled and _jl(link).epoch != self._active_epoch:
+            # Published on a connection that is gone: nothing of it may be acked or
+            # answered as done (the link does not republish it); redelivered instead.
+            self._step_down("the connection to the broker was replaced")
+            return
         if block or pipelined is None:
             if any(f.confirm for f in inflight):
-                self._confirm(link)
+                timeout = _CONFIRM_TIMEOUT_S
+                if self._journaled and pipelined is not None:
+                    timeout = min(timeout, max(0.0, self._lease.left(time.monotonic())))
+                self._confirm(link, timeout)
+                if self._journaled and _jl(link).epoch != self._active_epoch:
+                    self._step_down("the connection to the broker was replaced")
+                    return
+                if pipelined is not None:
+                    self._lease.confirmed(pipelined.confirm_mark())
             ready = len(inflight)
         else:
             through = pipelined.confirmed_mark()
+            self._lease.confirmed(through)
             ready = 0
             for f in inflight:
                 if f.mark > through:

@@ -406,6 +406,7 @@ def encode_event(event: core_events.Event | Event | Mapping[str, Any]) -> bytes:
                     "scope": event.scope,
                     "id": event.id,
                     "seq": event.seq,
+                    "epoch": event.epoch,
                     "data": event.data,
                 }
             ).encode("utf-8")

@@ -125,6 +125,8 @@ class Event(BaseModel):
     connection: str
     id: str = Field(min_length=1)
     seq: int = Field(ge=1)
+    #: The publishing owner's epoch (0 from owners that predate epochs).
+    epoch: int = Field(0, ge=0)
     data: dict[str, Any] = Field(default_factory=dict)
 
     _scope = field_validator("scope")(_check_scope)
@@ -156,6 +158,7 @@ class Event(BaseModel):
             id=self.id,
             seq=self.seq,
             data=dict(self.data),
+            epoch=self.epoch,
         )
 
     @property

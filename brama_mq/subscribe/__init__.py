@@ -47,7 +47,7 @@ def _options(
     batch_size: int,
     batch_timeout: float,
     prefetch: int,
-    quorum: bool,
+    quorum: bool | None,
     max_length: int,
     queue_length: int,
     max_deliveries: int,
@@ -74,8 +74,11 @@ def _options(
             raise ValueError(f"{label} must be a number >= 0, not {number!r}")
     if name is not None:
         Topology().subscription_queue(name)  # raises ValueError naming the problem
+        # Replicated unless asked otherwise: a classic queue is lost with its node.
+        quorum = True if quorum is None else quorum
     elif quorum:
         raise ValueError("quorum=True needs a name: only named subscriptions are durable")
+    quorum = bool(quorum)
     if handler is not None and not asynchronous:
         for fn in (handler, getattr(handler, "handle_event", None),
                    getattr(handler, "handle_batch", None)):
@@ -121,7 +124,7 @@ def subscribe(
     prefetch: int = 100,
     *,
     patterns: FilterValues = None,
-    quorum: bool = False,
+    quorum: bool | None = None,
     max_length: int = 10_000,
     queue_length: int = 10_000,
     max_deliveries: int = 5,
@@ -143,11 +146,12 @@ def subscribe(
     whole process stops reading; the first transient subscription sets it), keeps at most
     ``max_length`` events when its own consumer stalls (dropping the oldest;
     ``sub.dropped`` says how many) and ends with the process. With
-    ``name`` it is *durable*: queue ``{prefix}.sub.<name>`` (a quorum queue with
-    ``quorum=True``) outlives the process, each event is acked after the handler returned,
-    a handler that raises is retried up to ``max_deliveries`` times (backoff from
-    ``retry_delay`` s) and then dead-lettered to ``{prefix}.sub.<name>.dead`` with the error,
-    and processes subscribing with the same name share (compete for) its events.
+    ``name`` it is *durable*: queue ``{prefix}.sub.<name>`` (a quorum queue, replicated
+    on a cluster; ``quorum=False`` makes a classic one) outlives the process, each event
+    is acked after the handler returned, a handler that raises is retried up to
+    ``max_deliveries`` times (backoff from ``retry_delay`` s) and then dead-lettered to
+    ``{prefix}.sub.<name>.dead`` with the error, and processes subscribing with the same
+    name share (compete for) its events.
     ``prefetch`` bounds a named subscription's unacked events. With ``batch_size > 1``,
     events come as lists of up to that many, or fewer after ``batch_timeout`` s.
     Duplicates are dropped by ``(scope, connection, seq)`` among the last ``dedup_window``.
@@ -172,7 +176,7 @@ def subscribe_async(
     prefetch: int = 100,
     *,
     patterns: FilterValues = None,
-    quorum: bool = False,
+    quorum: bool | None = None,
     max_length: int = 10_000,
     queue_length: int = 10_000,
     max_deliveries: int = 5,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import _socket
 import atexit
 import contextlib
-import dataclasses
 import errno
 import functools
 import itertools
@@ -80,6 +79,7 @@ from brama_mq.transport.topology import (
     declare_topology,
     delete_topology,
     event_queue_arguments,
+    kept_queue_warning,
     stored_shards,
 )
 
@@ -741,6 +741,20 @@ class _Connector:
         except Exception:  # a dead connection may fail in any way while collected
             log.debug("ignoring error while collecting a dead connection", exc_info=True)
 
+    def switch_next(self) -> None:
+        """Start the next connect at the next host of the failover list (after a drop:
+        the host just left may be frozen, and a connect to it would wait a timeout)."""
+        try:
+            self._kconn.maybe_switch_next()
+        except Exception:  # switching closes what is left of the old connection
+            log.debug("ignoring error while switching hosts", exc_info=True)
+
+    @property
+    def host(self) -> str:
+        """The host (``host:port``) this connector connects to now, for log lines."""
+        kconn = self._kconn
+        return f"{kconn.hostname}:{kconn.port}"
+
     def close(self, timeout: float = 5.0) -> None:
         """Close politely (the broker requeues unacked deliveries), waiting at most
         ``timeout`` s for the broker's close-ok."""
@@ -796,8 +810,8 @@ class _AmqpLink:
                 self._setup(conn)
                 self._lost = None
                 if attempt or self._epoch > 1:
-                    log.info("%s connected to %s (epoch %d)", self.role, self._t.masked_url,
-                             self._epoch)
+                    log.info("%s connected to %s (epoch %d)", self.role,
+                             self._connector.host, self._epoch)
                 return
             except BramaError:
                 self._connector.drop()
@@ -822,6 +836,19 @@ class _AmqpLink:
                     raise self._error(exc, "connect") from exc
                 attempt += 1
 
+    def abandon(self, reason: str) -> None:
+        """Drop the connection at once, without a close handshake (its node may be frozen
+        or cut off), so the broker hands on what this link consumed (an owner queue, its
+        unacked deliveries); the next call reconnects, starting at the next host of the
+        failover list. For the single-threaded links (owner, stream reader)."""
+        if self._closed or self._conn is None:
+            return
+        log.warning("%s leaves %s: %s", self.role, self._connector.host, reason)
+        self._connector.drop()
+        self._conn = None
+        self._lost = BrokerUnavailableError(reason)
+        self._on_lost()
+
     def interrupt(self) -> None:
         """Stop waiting for the broker: a reconnect in progress, or a later one, raises
         BrokerUnavailableError instead of retrying. Safe to call from a signal handler."""
@@ -832,9 +859,10 @@ class _AmqpLink:
         if self._closed:
             raise self._error(exc, "use after close") from exc
         log.warning("%s lost its connection to %s (%s); reconnecting", self.role,
-                    self._t.masked_url, describe(exc, self._t.url))
+                    self._connector.host, describe(exc, self._t.url))
         self._counters["reconnects"] += 1
         self._connector.drop()
+        self._connector.switch_next()  # the host just lost may be down or frozen
         self._conn = None
         self._lost = exc
         self._on_lost()
@@ -905,6 +933,11 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
     """
 
     role = "owner link"
+    #: After a reconnect, publish again what the broker had not confirmed (events, dead
+    #: letters, journal records). A journaled owner turns this off: it steps down on a new
+    #: connection and whoever takes over republishes from the journal, so a superseded
+    #: owner's unconfirmed batch never reaches subscribers late, after a newer owner's.
+    republish_on_reconnect = True
 
     def __init__(self, transport: AmqpTransport, *, prefetch: int, shard: int | None) -> None:
         if prefetch < 1:
@@ -914,6 +947,9 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         self._buffer = deque()
         self._cancelled = False
         self._tracker = _ConfirmTracker()
+        # Confirmed pings not yet seen confirmed, and the mark of the newest that was.
+        self._pings: deque[_Pending] = deque(maxlen=64)
+        self._pinged_through = 0
         self._plain: Any = None
         self._confirm: Any = None
         self._consume: Any = None
@@ -930,6 +966,7 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
             "replies": 0,
             "dead_lettered": 0,
             "appended": 0,
+            "discarded": 0,
         }
         self._owner_key = transport.topology.owner_key(shard)
         super().__init__(transport)
@@ -962,7 +999,11 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         self._plain, self._confirm, self._consume = plain, confirm, consume
         self._reader = _install_reader(conn)
         self._assembler.reset()
-        for pending in self._tracker.restart():
+        unsettled = self._tracker.restart()
+        if not self.republish_on_reconnect:
+            self._stats["discarded"] += len(unsettled)
+            return
+        for pending in unsettled:
             self._send_pending(pending)
             self._stats["republished"] += 1
 
@@ -1084,6 +1125,20 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
             except RECOVERABLE_ERRORS as exc:
                 self._lost = exc  # the next call reconnects (and republishes)
         return tracker.settled_through()
+
+    def proven_mark(self) -> int:
+        """Like :meth:`confirmed_mark`, but also the mark of the newest confirmed ping even
+        while older publishes wait: the owner queue's leader took that ping from this
+        channel, a round trip the lease can count although a stream electing a new leader
+        holds the journal's confirms back (the lease only needs *when* the broker last
+        answered, not that everything before it is safe)."""
+        pings = self._pings
+        for ping in pings:  # a few at most: one goes out per quarter lease
+            if ping.done and ping.seq > self._pinged_through:
+                self._pinged_through = ping.seq
+        while pings and pings[0].done:
+            pings.popleft()
+        return max(self.confirmed_mark(), self._pinged_through)
 
     # -- consuming ---------------------------------------------------------------
     def fetch(
@@ -1282,11 +1337,20 @@ class AmqpOwnerLink(_ConsumerMixin, _AmqpLink):
         except RECOVERABLE_ERRORS as exc:
             self._recover(exc)  # republishes it
 
-    def ping(self) -> None:
-        """An empty transient message with PING_HEADER to this link's own owner queue."""
+    def ping(self, confirmed: bool = False) -> None:
+        """An empty transient message with PING_HEADER to this link's own owner queue.
+
+        ``confirmed``: on the confirm channel, tracked like a critical publish, so its
+        confirm (the quorum queue took it: a majority of its nodes) is a broker round
+        trip an owner can count on for its lease (:meth:`confirm_mark`)."""
         msg = Message(PING_BODY, delivery_mode=1, content_type=JSON,
                       application_headers={PING_HEADER: 1})
         topology = self._t.topology
+        if confirmed:
+            pending = self._tracker.new(topology.commands_exchange, self._owner_key, msg)
+            self._pings.append(pending)
+            self._send_confirmed(pending)
+            return
         self._ensure()
         try:
             _publish(self._plain, msg, topology.commands_exchange, self._owner_key, False)
@@ -1428,13 +1492,10 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         try:
             ch.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
         except PreconditionFailed as exc:
-            if not arguments or name not in str(exc):
+            if name not in str(exc):
                 raise
-            log.warning(
-                "queue %s exists without the length limits this version declares (%s); "
-                "using it unbounded: drain and delete it to have it bounded",
-                name, describe(exc, self._t.url),
-            )
+            log.warning("%s (%s)", kept_queue_warning(name, str(exc)),
+                        describe(exc, self._t.url))
             if not ch.is_open:  # py-amqp reopens a channel the broker closed
                 ch.open()
             ch.queue_declare(name, durable=True, auto_delete=False, passive=True)
@@ -1450,12 +1511,23 @@ class AmqpEventSource(_ConsumerMixin, _AmqpLink):
         if self._dead_queue is not None:
             ch = self._declare_subscription_dead_queue(conn, ch, self._dead_queue)
         if self._wanted:
-            ok = ch.queue_declare(
-                self._wanted,
-                durable=self._durable,
-                auto_delete=not self._durable,
-                arguments=self._arguments(),
-            )
+            try:
+                ok = ch.queue_declare(
+                    self._wanted,
+                    durable=self._durable,
+                    auto_delete=not self._durable,
+                    arguments=self._arguments(),
+                )
+            except PreconditionFailed as exc:
+                # A named subscription's queue an earlier version made (e.g. classic):
+                # its events are there, so it is used as it is, with the way to migrate.
+                if not self._durable or self._wanted not in str(exc):
+                    raise
+                log.warning("%s (%s)", kept_queue_warning(self._wanted, str(exc)),
+                            describe(exc, self._t.url))
+                if not ch.is_open:
+                    ch.open()
+                ok = ch.queue_declare(self._wanted, passive=True)
         else:
             ok = ch.queue_declare(
                 "", exclusive=True, auto_delete=True, arguments=self._arguments()
@@ -1965,10 +2037,11 @@ class AmqpClientLink(_AmqpLink):
             return
         if not self._closed:
             log.warning("%s lost its connection to %s (%s); reconnecting (%d commands kept)",
-                        self.role, self._t.masked_url, describe(exc, self._t.url),
+                        self.role, self._connector.host, describe(exc, self._t.url),
                         self._tracker.outstanding())
             self._counters["reconnects"] += 1
         self._connector.drop()
+        self._connector.switch_next()
         self._conn = None
         self._lost = exc
         self._on_lost()
@@ -2002,7 +2075,7 @@ class AmqpClientLink(_AmqpLink):
                 self._on_lost()
                 return False
             self._cond.notify_all()
-        log.info("%s connected to %s (epoch %d)", self.role, self._t.masked_url, self._epoch)
+        log.info("%s connected to %s (epoch %d)", self.role, self._connector.host, self._epoch)
         return True
 
     def _wake_io(self) -> None:
@@ -2423,7 +2496,7 @@ class AmqpTransport:
         self._links: list[_AmqpLink] = []
         self._lock = threading.Lock()
         self._declared: set[tuple[str, str]] = set()
-        self._dead_unbounded = False  # warned that an old, unbounded dead queue is kept
+        self._dead_kept = False  # warned that an earlier version's dead queue is kept
 
     def __repr__(self) -> str:
         return f"AmqpTransport({self.masked_url!r}, prefix={self.topology.prefix!r})"
@@ -2450,21 +2523,19 @@ class AmqpTransport:
             mismatch = self._shard_mismatch(exc)
             if mismatch is not None:
                 raise mismatch from exc
-            # A dead queue made before it was bounded (see Topology.dead_queue_arguments):
-            # keep it as it is rather than refuse to start, and say how to bound it.
-            if topology.dead_queue not in str(exc) or not topology.dead_queue_arguments():
+            # A dead queue an earlier version made (classic, or unbounded): keep it as it
+            # is rather than refuse to start, and say how to migrate it.
+            if topology.dead_queue not in str(exc):
                 raise
             log.log(
-                logging.DEBUG if self._dead_unbounded else logging.WARNING,
-                "queue %s exists without the length limits this version declares (%s); "
-                "using it unbounded: drain and delete it to have it bounded",
-                topology.dead_queue, describe(exc, self.url),
+                logging.DEBUG if self._dead_kept else logging.WARNING,
+                "%s (%s)", kept_queue_warning(topology.dead_queue, str(exc)),
+                describe(exc, self.url),
             )
-            self._dead_unbounded = True
+            self._dead_kept = True
             if not channel.is_open:  # py-amqp reopens a channel the broker closed
                 channel.open()
-            topology = dataclasses.replace(topology, dead_max_length=None, dead_max_bytes=None)
-            declare_topology(channel, topology)
+            declare_topology(channel, topology, dead_as_found=True)
         for name, _ in self.topology.exchanges():
             self._note("exchange", name)
         for name in self.topology.queue_names():

@@ -153,8 +153,9 @@ class JournalLink(Protocol):
         on the same channel (so in the same order as the events around it)."""
         ...
 
-    def ping(self) -> None:
-        """Send an empty message with :data:`PING_HEADER` to this link's owner queue."""
+    def ping(self, confirmed: bool = False) -> None:
+        """Send an empty message with :data:`PING_HEADER` to this link's owner queue;
+        ``confirmed``: as a confirmed publish (a broker round trip for the owner's lease)."""
         ...
 
 

@@ -142,6 +142,14 @@ def map_error(
             # A durable queue or stream whose home node is still starting (or gone):
             # the broker is not fully there yet, which a retry cures.
             kind = BrokerStartingError
+            if "home node" in str(exc):
+                # A restarting node says this briefly of any durable queue; a classic
+                # queue says it for as long as its one node is down (a quorum queue or
+                # stream elects a new leader instead), so name the lasting cause too.
+                detail += (" (waiting for that node; if it stays down and this is a "
+                           "classic queue an earlier brama_mq version made, it is lost "
+                           "with that node: migrate it to a quorum queue, "
+                           "docs/operations.md 'Migrating classic queues')")
         else:
             kind = TransportError
     return kind(f"{what} failed ({where}): {detail}")

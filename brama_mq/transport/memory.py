@@ -486,8 +486,9 @@ class MemoryOwnerLink(_MemoryConsumer):
             raise TransportError("owner link is closed")
         self._confirmed_publish("", stream, _Message("", stream, body, {"delivery_mode": 2}))
 
-    def ping(self) -> None:
-        """Send an owner ping to the owner queue (see AmqpOwnerLink.ping)."""
+    def ping(self, confirmed: bool = False) -> None:
+        """Send an owner ping to the owner queue (see AmqpOwnerLink.ping); in memory
+        every publish is confirmed at once."""
         exchange = self._t.topology.commands_exchange
         props = {"headers": {PING_HEADER: 1}, "delivery_mode": 1, "content_type": JSON}
         self._broker.publish(exchange, self._owner_key, _Message(exchange, self._owner_key,

@@ -56,8 +56,10 @@ class AmqpStreamReader(_ConsumerMixin, _AmqpLink):
         super().__init__(transport)
 
     def _setup(self, conn: Any) -> None:
-        ch = conn.channel()
-        self._t._declare_on(ch)
+        # The stream is checked, not the whole topology declared again on every
+        # (re)connect: the owner declares that, and on a cluster a reconnect should not
+        # wait on queues it does not read.
+        ch = self._t._declare_shared(conn, [], [self._stream])
         ch.basic_qos(prefetch_size=0, prefetch_count=_PREFETCH, a_global=False)
         self._buffer.clear()
         self._cancelled = False

@@ -24,6 +24,7 @@ __all__ = [
     "declare_topology",
     "delete_topology",
     "event_queue_arguments",
+    "kept_queue_warning",
     "permission_layout",
     "stored_shards",
     "stream_arguments",
@@ -177,15 +178,16 @@ class Topology:
             "x-brama-shards": self.shards,
         }
     def dead_queue_arguments(self) -> dict[str, Any]:
-        """Arguments of the dead queue: bounded, the oldest dropped first (see
-        DEFAULT_DEAD_MAX_LENGTH). RabbitMQ refuses to redeclare a queue with other
-        arguments: the AMQP transport keeps a dead queue made without them, warning."""
-        args: dict[str, Any] = {}
+        """Arguments of the dead queue: a quorum queue (a classic queue lives on one node:
+        while that node is down every owner's declare fails), bounded, the oldest dropped
+        first (see DEFAULT_DEAD_MAX_LENGTH). RabbitMQ refuses to redeclare a queue with
+        other arguments: the AMQP transport keeps one made without them, warning."""
+        args: dict[str, Any] = {"x-queue-type": "quorum"}
         if self.dead_max_length is not None:
             args["x-max-length"] = self.dead_max_length
         if self.dead_max_bytes is not None:
             args["x-max-length-bytes"] = self.dead_max_bytes
-        if args:
+        if len(args) > 1:
             args["x-overflow"] = "drop-head"
         return args
 
@@ -317,6 +319,25 @@ def event_queue_arguments(
     return args
 
 
+def kept_queue_warning(queue: str, refusal: str) -> str:
+    """What to tell the operator when ``queue`` exists with other arguments than this
+    version declares (the broker's PRECONDITION_FAILED text is ``refusal``) and is used
+    as it is: a legacy classic queue is named as the single point of failure it is."""
+    if "x-queue-type" in refusal:
+        return (
+            f"queue {queue} is a classic queue made by an earlier brama_mq version: it "
+            f"lives on one broker node, so on a cluster it (and every declare of it) is "
+            f"unavailable while that node is down; using it as it is. Migrate it to a "
+            f"quorum queue: docs/operations.md, 'Migrating classic queues'"
+        )
+    # The broker names only the first argument that differs: this one may be classic too.
+    return (
+        f"queue {queue} exists with other arguments than this version declares (a bounded "
+        f"quorum queue); using it as it is, maybe unbounded and, if classic, not "
+        f"replicated. Migrate it: docs/operations.md, 'Migrating classic queues'"
+    )
+
+
 class AmqpChannelLike(Protocol):
     """The subset of py-amqp's ``Channel`` the topology functions call."""
 
@@ -358,13 +379,16 @@ class AmqpChannelLike(Protocol):
     ) -> Any: ...
 
 
-def declare_topology(channel: AmqpChannelLike, topology: Topology) -> None:
+def declare_topology(
+    channel: AmqpChannelLike, topology: Topology, *, dead_as_found: bool = False
+) -> None:
     """Declare every exchange, queue and binding of ``topology`` (idempotent).
 
     A queue that already exists with other arguments makes the broker close the channel
     with PRECONDITION_FAILED; the caller maps that to a TransportError. The shard record
     goes first, so a process with the wrong count stops before it declares any owner queue
-    of its own count.
+    of its own count. ``dead_as_found`` checks the dead queue passively: the caller keeps
+    one an earlier version made with other arguments (see :func:`kept_queue_warning`).
     """
     declare_shard_record(channel, topology)
     for name, kind in topology.exchanges():
@@ -373,8 +397,11 @@ def declare_topology(channel: AmqpChannelLike, topology: Topology) -> None:
     for queue, key in topology.owner_queues():
         channel.queue_declare(queue, durable=True, auto_delete=False, arguments=dict(args))
         channel.queue_bind(queue, topology.commands_exchange, key)
-    channel.queue_declare(topology.dead_queue, durable=True, auto_delete=False,
-                          arguments=topology.dead_queue_arguments())
+    if dead_as_found:
+        channel.queue_declare(topology.dead_queue, passive=True)
+    else:
+        channel.queue_declare(topology.dead_queue, durable=True, auto_delete=False,
+                              arguments=topology.dead_queue_arguments())
     channel.queue_bind(topology.dead_queue, topology.dead_exchange, "")
     for stream, stream_args in topology.streams():
         try:
