@@ -282,6 +282,24 @@ def test_view_drops_stale_and_duplicate_events_by_seq() -> None:
     assert view.entry("api", "s") is not None and view_key("s", "api") in view._closed_live
 
 
+def test_view_orders_by_epoch_then_seq() -> None:
+    """An event of an older epoch (a superseded owner's late publish) never moves the view,
+    whatever its seq, and is counted as stale_epoch; a newer epoch wins even with a lower
+    seq; a snapshot of an older epoch does not overwrite a newer event."""
+    view = LocalView(Brama(transport=MemoryTransport()))
+    ev = {"event": "state_change", "connection": "api", "scope": "s", "seq": 5, "epoch": 4,
+          "data": {"new_state": "open", "open_until": 123}}
+    assert view.apply_event(ev)
+    assert not view.apply_event({**ev, "epoch": 2, "seq": 50, "data": {"new_state": "closed"}})
+    assert view.counters["stale_epoch"] == 1
+    assert view.entry("api", "s") == ViewEntry("s", "api", "open", 123, 5, 4)
+    assert view.apply_event({**ev, "epoch": 9, "seq": 3, "data": {"new_state": "half_open"}})
+    view.apply_snapshot([{"connection": "api", "scope": "s", "state": "closed", "seq": 8,
+                          "epoch": 4}])
+    entry = view.entry("api", "s")
+    assert entry is not None and (entry.state, entry.epoch, entry.seq) == ("half_open", 9, 3)
+
+
 def test_snapshot_removes_what_the_owner_no_longer_has_and_keeps_newer_events() -> None:
     """A snapshot drops unlisted connections but never overwrites a newer event."""
     view = LocalView(Brama(transport=MemoryTransport()))

@@ -102,6 +102,24 @@ def test_follower_keeps_every_unconfirmed_event_for_a_new_owner() -> None:
     assert f.unconfirmed_events() == []
 
 
+def test_a_takeover_record_starts_the_epoch_its_offset_names() -> None:
+    """Events after a takeover record at stream offset k carry epoch k + 1 (the owner's
+    epoch); a later takeover starts a newer one; the snapshot carries the epoch, so a
+    restored replica stamps the same."""
+    a, b = Writer("a"), Writer("b")
+    f = Follower(Engine(lineage="t"))
+    f.feed(a.takeover(), offset=0)
+    f.feed(a.batch(1, _cmd("register", "x", "r1", max_attempts=100)), offset=1)
+    assert f.engine.epoch == 1
+    assert {e.epoch for e in f.unconfirmed_events()} == {1}
+    f.feed(b.takeover(), offset=2)
+    f.feed(b.batch(2, _cmd("failure", "x", "f1")), offset=3)
+    assert f.engine.epoch == 3
+    event = f.engine.apply(Command("failure", "x", "s"), 2_000).events[0]
+    assert event.epoch == 3
+    assert Engine.restore(f.engine.snapshot()).epoch == 3
+
+
 def _snapshot_after(f: Follower, kind: str = "batch") -> Snapshot:
     body = encode_snapshot(f.engine, f.applied, owner=str(f.owner), n=f.n, kind=kind, ts=0)
     return Snapshot.decode(body)

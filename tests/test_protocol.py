@@ -299,19 +299,33 @@ def test_encode_event_is_the_contract_shape() -> None:
     st.integers(0, 2**62),
     names,
     st.one_of(st.none(), names),
-    st.integers(1, 2**62),
+    st.integers(1, 2**40 - 1),
     st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+    st.integers(0, 2**62),
 )
 def test_encode_event_decodes_to_the_same_fields(
-    event: str, ts: int, connection: str, scope: str | None, seq: int, data: dict[str, Any]
+    event: str, ts: int, connection: str, scope: str | None, seq: int, data: dict[str, Any],
+    epoch: int,
 ) -> None:
-    """An encoded core event decodes to the same fields, and back to an equal core event."""
-    core = CoreEvent(event, ts, connection, scope, "id1", seq, data)
+    """An encoded core event (its epoch too) decodes to the same fields, and back to an
+    equal core event."""
+    core = CoreEvent(event, ts, connection, scope, "id1", seq, data, epoch)
     decoded = decode_event(encode_event(core))
     assert decoded.model_dump() == core.to_dict()
     assert decoded.to_core() == core
     assert decoded == Event.from_core(core)
     assert json.loads(encode_event(decoded)) == json.loads(encode_event(core))
+
+
+def test_event_seq_is_bounded_so_epoch_and_seq_pack_into_one_mark() -> None:
+    """seq 2**40 (it would bleed into the packed epoch) and a negative epoch are refused
+    with the field named; an event without epoch (an older owner) decodes to epoch 0."""
+    body = _core_event().to_dict()
+    for field, value in (("seq", 2**40), ("epoch", -1)):
+        with pytest.raises(ProtocolError, match=field):
+            decode_event(json.dumps(body | {field: value}))
+    del body["epoch"]
+    assert decode_event(json.dumps(body)).epoch == 0
 
 
 def test_event_convenience_properties() -> None:

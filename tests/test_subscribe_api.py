@@ -321,6 +321,40 @@ def test_duplicates_are_dropped_by_scope_connection_seq(stack: Stack) -> None:
     assert sub.stats()["duplicates"] == 2
 
 
+def test_events_of_a_superseded_owner_are_dropped_as_stale(stack: Stack) -> None:
+    """After an event of epoch 5, a late publish of epoch 3 (an owner that lost its lease)
+    is dropped and counted as stale_epoch, even with a higher seq; a newer epoch is
+    delivered even when it reuses a seq (duplicates are per epoch); seq gaps count as lost
+    within an epoch and across epochs, never for a new baseline or a stale event."""
+    sub = brama_mq.subscribe(connection="c", transport=stack.transport)
+    stack.client.register("c", wait=True)
+    registered = drain(sub)[-1]
+    broker = stack.transport.broker  # type: ignore[attr-defined]
+    exchange = stack.transport.topology.events_exchange
+    template, base, s0 = registered.model_dump(), registered.epoch, registered.seq
+
+    def publish(epoch: int, seq: int, eid: str) -> None:
+        body = Event.model_validate(template | {"epoch": base + epoch, "seq": s0 + seq, "id": eid,
+                                                "event": "failure"})
+        key = "_.c.failure"
+        broker.publish(exchange, key, _Message(exchange, key, encode_event(body),
+                                               {"content_type": "application/json"}))
+
+    publish(5, 1, "new-owner")
+    publish(3, 90, "old-owner-late")
+    publish(7, 1, "newer-owner-same-seq")
+    got = [(e.epoch - base, e.seq - s0, e.id) for e in collect(sub, 2)]
+    assert got == [(5, 1, "new-owner"), (7, 1, "newer-owner-same-seq")]
+    assert sub.stats()["stale_epoch"] == 1 and sub.stats()["duplicates"] == 0
+    assert sub.stats()["dropped_queue"] == 0  # neither a new epoch nor a stale one is a gap
+
+    publish(7, 4, "two-missed")  # 2 and 3 of this epoch were lost
+    publish(8, 5, "next-owner-carries-on")
+    publish(8, 7, "one-missed")
+    assert len(collect(sub, 3)) == 3
+    assert sub.stats()["dropped_queue"] == 3
+
+
 def test_named_handler_error_is_retried_then_dead_lettered(stack: Stack) -> None:
     """A named subscription retries a raising handler max_deliveries times, then dead-letters."""
     attempts: list[int] = []

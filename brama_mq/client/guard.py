@@ -198,7 +198,7 @@ class GuardRuntime:
         self.outbox = Outbox(client, max_size=outbox_size)
         #: key -> (entry seq, wall ms): the owner refused a permit; do not ask again
         #: before that time unless the circuit moved (a newer seq) meanwhile.
-        self._no_permit: dict[str, tuple[int, int]] = {}
+        self._no_permit: dict[str, tuple[tuple[int, int], int]] = {}
         self._logged: set[tuple[str, str, int]] = set()
 
     def start(self, wait: bool = True) -> None:
@@ -257,7 +257,7 @@ class GuardRuntime:
         # Half-open, or open past its deadline (the owner's timer may not have fired
         # yet): the owner rations the trial calls.
         memo = self._no_permit.get(key)
-        if memo is not None and memo[0] == entry.seq and memo[1] > now:
+        if memo is not None and memo[0] == (entry.epoch, entry.seq) and memo[1] > now:
             return Admission(False, state, retry_after_ms=memo[1] - now, report=False,
                              why="no-permit")
         try:
@@ -280,7 +280,7 @@ class GuardRuntime:
                 retry_ms, HALF_OPEN_RETRY_CAP_MS
             )
         if retry_ms is not None:
-            self._no_permit[key] = (entry.seq, now + retry_ms)
+            self._no_permit[key] = ((entry.epoch, entry.seq), now + retry_ms)
         return Admission(False, answered, retry_after_ms=retry_ms, report=False,
                          why="no-permit" if answered == HALF_OPEN else "open")
 

@@ -3,8 +3,10 @@
 A :class:`LocalView` is bootstrapped by a ``snapshot`` request to the owner and kept
 current by a subscription to ``state_change`` events (plus ``connection_registered`` and
 ``connection_removed``, so it learns about connections that appear or go away). Events
-carry a per-connection ``seq``; anything not newer than what the view holds is dropped,
-so duplicates and stragglers never move a circuit backwards.
+carry a per-connection ``seq`` and the publishing owner's ``epoch``; anything not newer
+by ``(epoch, seq)`` than what the view holds is dropped (:mod:`brama_mq.core.ordering`),
+so duplicates, stragglers and a superseded owner's late publishes never move a circuit
+backwards.
 
 The read path is one dictionary lookup: :attr:`LocalView.closed` maps the key of every
 circuit that is closed (see :func:`view_key`) to its entry. Nothing on that path takes a
@@ -95,6 +97,8 @@ class ViewEntry(NamedTuple):
     state: str
     open_until: int | None
     seq: int
+    #: With ``seq``, orders what the view accepts (:mod:`brama_mq.core.ordering`).
+    epoch: int = 0
 
 
 class LocalView:
@@ -150,6 +154,7 @@ class LocalView:
         self.counters: dict[str, int] = {
             "events": 0,
             "duplicates": 0,
+            "stale_epoch": 0,
             "snapshots": 0,
             "snapshot_failures": 0,
             "reconnects": 0,
@@ -267,8 +272,11 @@ class LocalView:
         """Apply one decoded event; False when it is not newer than what the view has."""
         connection = event.get("connection")
         seq = event.get("seq")
+        epoch = event.get("epoch", 0)
         scope = event.get("scope")
         if not isinstance(connection, str) or not isinstance(seq, int):
+            return False
+        if not isinstance(epoch, int) or epoch < 0:
             return False
         if scope is not None and not isinstance(scope, str):
             return False
@@ -291,13 +299,14 @@ class LocalView:
             return False
         with self._lock:
             current = self._entries.get(key)
-            if current is not None and seq <= current.seq:
-                self.counters["duplicates"] += 1
+            if current is not None and (epoch, seq) <= (current.epoch, current.seq):
+                # older epoch: a superseded owner's late publish; same epoch: seen already
+                self.counters["stale_epoch" if epoch < current.epoch else "duplicates"] += 1
                 return False
             open_until = data.get("open_until") if state == OPEN else None
             if not isinstance(open_until, int):
                 open_until = None
-            self._set(key, ViewEntry(scope, connection, str(state), open_until, seq))
+            self._set(key, ViewEntry(scope, connection, str(state), open_until, seq, epoch))
             self.counters["events"] += 1
         return True
 
@@ -312,16 +321,17 @@ class LocalView:
                     key = view_key(scope, connection)
                     state = str(status["state"])
                     seq = int(status.get("seq") or 0)
+                    epoch = int(status.get("epoch") or 0)
                 except (KeyError, TypeError, ValueError, BramaError):
                     continue
                 seen.add(key)
                 current = self._entries.get(key)
-                if current is not None and seq < current.seq:
+                if current is not None and (epoch, seq) < (current.epoch, current.seq):
                     continue  # an event newer than the snapshot was applied already
                 open_until = status.get("open_until") if state == OPEN else None
                 if not isinstance(open_until, int):
                     open_until = None
-                self._set(key, ViewEntry(scope, connection, state, open_until, seq))
+                self._set(key, ViewEntry(scope, connection, state, open_until, seq, epoch))
             for key, entry in list(self._entries.items()):
                 if key not in seen and entry.state != REMOVED:
                     self._set(key, entry._replace(state=REMOVED, open_until=None))

@@ -181,7 +181,7 @@ class OwnerStats:
     pings: int = 0
     takeovers: int = 0
     last_takeover_s: float | None = None
-    republished: int = 0  # critical events published again at a takeover
+    republished: int = 0  # events (of every kind) published again at a takeover
     snapshots: int = 0
     journal_batches: int = 0
     outages: int = 0

@@ -124,8 +124,9 @@ class Event(BaseModel):
     scope: str | None = None
     connection: str
     id: str = Field(min_length=1)
-    seq: int = Field(ge=1)
-    #: The publishing owner's epoch (0 from owners that predate epochs).
+    #: Below 2**40, so ``(epoch, seq)`` packs into one int (:mod:`brama_mq.core.ordering`).
+    seq: int = Field(ge=1, lt=1 << 40)
+    #: The publishing owner's epoch (0 from owners that predate epochs, or without a journal).
     epoch: int = Field(0, ge=0)
     data: dict[str, Any] = Field(default_factory=dict)
 

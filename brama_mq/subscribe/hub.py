@@ -10,7 +10,8 @@
   its acks follow its handler and must not wait for anyone else's.
 
 Drop accounting (transient): RabbitMQ does not say what ``x-max-length`` removed, so the
-hub watches ``seq``, which grows by one per event of a ``(scope, connection)``. A gap on
+hub watches ``seq``, which grows by one per event of a ``(scope, connection)`` and carries
+on across takeovers (ordered with ``epoch`` by :mod:`brama_mq.core.ordering`). A gap on
 the shared queue is a loss for every subscription bound to *every* event type of that
 connection; subscriptions filtered by event type cannot tell a loss from a filtered-out
 event, so for them the count is a lower bound, and so it is for losses before the first
@@ -27,6 +28,7 @@ from typing import Final
 
 from brama_mq.core.events import EVENT_TYPES
 from brama_mq.core.matcher import TopicMatcher
+from brama_mq.core.ordering import SEQ_BITS, Order, classify
 from brama_mq.errors import BramaError, ProtocolError
 from brama_mq.protocol import Event
 from brama_mq.settings import MEMORY_URL, Settings
@@ -64,7 +66,7 @@ class Hub:
         self._named: dict[str, Subscription] = {}
         self._identities: dict[Hashable, Subscription] = {}
         self._routes: dict[str, tuple[Subscription, ...]] = {}  # routing key -> targets
-        self._last_seq: dict[str, int] = {}
+        self._last_mark: dict[str, int] = {}
         self._full: dict[str, tuple[int, ...]] = {}
         self.pending = 0  # subscribe() calls in progress (guarded by the registry lock)
         self.invalid = 0
@@ -247,7 +249,7 @@ class Hub:
         """Bindings changed: forget cached routes and restart the seq baselines."""
         self._routes.clear()
         self._full.clear()
-        self._last_seq.clear()
+        self._last_mark.clear()
 
     def _dispatch(self, deliveries: list[Delivery]) -> None:
         """Sink of the shared queue: decode once, hand to every matching subscription."""
@@ -270,7 +272,7 @@ class Hub:
                     targets = self._route(key)
                 if not targets:
                     continue
-                self._account(key, event.seq)
+                self._account(key, (event.epoch << SEQ_BITS) | event.seq)
                 item = _Item(event, d, 0)
                 for sub in targets:
                     got = out.get(sub)
@@ -290,20 +292,27 @@ class Hub:
         self._routes[key] = targets
         return targets
 
-    def _account(self, key: str, seq: int) -> None:
+    def _account(self, key: str, m: int) -> None:
         """Count a ``seq`` gap as lost for the subscriptions bound to all of its events.
 
-        The gap is kept per ``<scope>.<connection>`` words of the routing key (the words
-        the owner derives from the event's own scope and connection).
+        ``m`` is the event's :func:`~brama_mq.core.ordering.mark`; the gap is kept per
+        ``<scope>.<connection>`` words of the routing key (the words the owner derives from
+        the event's own scope and connection). A newer epoch is a new baseline; a
+        duplicate or a stale event moves nothing.
         """
         sc = key.rpartition(".")[0]
-        last = self._last_seq.get(sc)
-        if last is None or seq > last:
-            if len(self._last_seq) >= _ACCOUNTING_LIMIT:
-                self._last_seq.clear()
-                self._full.clear()
-            self._last_seq[sc] = seq
-        if last is None or seq <= last + 1:
+        last = self._last_mark.get(sc)
+        if last is not None and m == last + 1:
+            self._last_mark[sc] = m  # the usual case, decided without classify()
+            return
+        order, missing = classify(last, m)
+        if order is Order.DUPLICATE or order is Order.STALE:
+            return
+        if last is None and len(self._last_mark) >= _ACCOUNTING_LIMIT:
+            self._last_mark.clear()
+            self._full.clear()
+        self._last_mark[sc] = m
+        if not missing:
             return
         full = self._full.get(sc)
         if full is None:
@@ -315,7 +324,7 @@ class Hub:
         for sid in full:
             sub = self._transient.get(sid)
             if sub is not None:
-                sub.queue_dropped += seq - last - 1
+                sub.queue_dropped += missing
 
 
 def _identity(keys: list[str], options: Options) -> Hashable | None:

@@ -11,7 +11,9 @@ a slow handler never blocks the connection that other subscriptions share.
   after its handler (or the body of the ``for`` loop) returned, a handler that raises is
   retried ``max_deliveries`` times and then dead-lettered with the error.
 
-Both drop duplicates by ``(scope, connection, seq)`` within ``dedup_window`` events.
+Both drop duplicates by ``(scope, connection, epoch, seq)`` within ``dedup_window`` events,
+and events of an older epoch than one seen for their connection (a superseded owner's;
+counted as ``stale_epoch``), see :mod:`brama_mq.core.ordering`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from brama_mq.errors import BramaError, ProtocolError
 from brama_mq.protocol import Event
 from brama_mq.subscribe.decode import fast_decode_event
 from brama_mq.subscribe.pump import Pump
-from brama_mq.subscribe.window import EventKey, SeenWindow
+from brama_mq.subscribe.window import EpochBook, EventKey, SeenWindow, event_key
 from brama_mq.transport.base import Delivery, EventSource
 
 if TYPE_CHECKING:
@@ -211,14 +213,17 @@ class _Collector:
         return self.size - len(self.items)
 
     def add(self, got: list[_Item]) -> None:
-        seen, keys, taken = self.seen, self.keys, self.taken
+        seen, keys, taken, epochs = self.seen, self.keys, self.taken, self.sub._epochs
         for it in got:
             if it.tag > self.tag:
                 self.tag = it.tag
             ev = it.event
-            key = (ev.scope, ev.connection, ev.seq)
+            key = event_key(ev.scope, ev.connection, ev.epoch, ev.seq)
             if key in seen or key in taken:
                 self.sub._counts["duplicates"] += 1
+                continue
+            if epochs.stale(ev.scope, ev.connection, ev.epoch):
+                self.sub._counts["stale_epoch"] += 1
                 continue
             keys.append(key)
             taken.add(key)
@@ -253,6 +258,7 @@ class Subscription:
         self._options = options
         self._keys = list(keys)
         self._seen = SeenWindow(options.dedup_window)
+        self._epochs = EpochBook()
         self._inbox = _Inbox(None if options.name else options.max_length)
         self._pump: Pump | None = None  # named subscriptions: their own connection
         self._refs = 1
@@ -266,7 +272,8 @@ class Subscription:
         self._dropped_told = 0
         self._told_at = 0.0
         self._counts: dict[str, int] = dict.fromkeys(
-            ("handled", "duplicates", "errors", "retries", "dead_lettered", "failed", "invalid"),
+            ("handled", "duplicates", "stale_epoch", "errors", "retries", "dead_lettered", "failed",
+             "invalid"),
             0,
         )
         self._call_one, self._call_many = _handler_calls(options.handler, options.batch_size)
@@ -312,7 +319,8 @@ class Subscription:
         return self._inbox.dropped + self.queue_dropped
 
     def stats(self) -> dict[str, int]:
-        """Counters: received, handled, duplicates, dropped (+ dropped_buffer, dropped_queue),
+        """Counters: received, handled, duplicates, stale_epoch (a superseded owner's events, see
+        :mod:`brama_mq.core.ordering`), dropped (+ dropped_buffer, dropped_queue),
         errors, retries, dead_lettered, failed, invalid, buffered, and reconnects (of the
         connection it receives through, shared by a process's transient subscriptions)."""
         out = dict(self._counts)

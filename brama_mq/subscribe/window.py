@@ -1,17 +1,26 @@
-"""A bounded memory of handled events, to drop duplicates by ``(scope, connection, seq)``.
+"""Bounded memories of events seen, to drop duplicates and a superseded owner's events.
 
 Duplicates are normal in an at-least-once system: the broker redelivers what a lost
-connection left unacknowledged, and the owner republishes a critical event whose confirm it
-never saw. ``seq`` is unique per ``(scope, connection)``, so that triple names an event.
+connection left unacknowledged, and an owner republishes what it cannot prove was
+published. ``(epoch, seq)`` is unique per ``(scope, connection)``, so ``(scope,
+connection, mark)`` names an event (:mod:`brama_mq.core.ordering`). An event of an older
+epoch than one seen for its connection comes from an owner that was superseded: stale.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["EventKey", "SeenWindow"]
+from brama_mq.core.ordering import SEQ_BITS
 
+__all__ = ["EpochBook", "EventKey", "SeenWindow", "event_key"]
+
+#: ``(scope, connection, mark)``, the mark packing ``(epoch, seq)``.
 EventKey = tuple[str | None, str, int]
+
+
+def event_key(scope: str | None, connection: str, epoch: int, seq: int) -> EventKey:
+    return (scope, connection, (epoch << SEQ_BITS) | seq)
 
 
 class SeenWindow:
@@ -39,3 +48,26 @@ class SeenWindow:
         self._order.append(key)
         if len(self._order) > self.size:
             self._keys.discard(self._order.popleft())
+
+
+class EpochBook:
+    """The newest epoch seen per ``(scope, connection)``, for at most ``limit`` of them
+    (then it starts over: a forgotten connection only loses its stale check)."""
+
+    __slots__ = ("_newest", "limit")
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._newest: dict[tuple[str | None, str], int] = {}
+
+    def stale(self, scope: str | None, connection: str, epoch: int) -> bool:
+        """Whether ``epoch`` is older than one seen; otherwise remember it."""
+        key = (scope, connection)
+        newest = self._newest.get(key)
+        if newest is None:
+            if len(self._newest) >= self.limit:
+                self._newest.clear()
+        elif epoch <= newest:
+            return epoch < newest
+        self._newest[key] = epoch
+        return False
