@@ -453,9 +453,15 @@ class Owner:
             lease.sent(pipelined.confirm_mark(), now)
         return True
 
-    def _step_down(self, why: str) -> None:
+    def _step_down(self, why: str, *, drop_replica: bool = False) -> None:
         """Stop acting as the active owner: another may have the queue by now, so the
-        registry is rebuilt from the journal before this process serves again."""
+        registry is rebuilt from the journal before this process serves again.
+
+        A standby keeps its replica (unless ``drop_replica``): its engine holds only what
+        it read from the journal, and its reader resumes after the last record it
+        returned, so a reconnect of the owner link costs no snapshot read. That matters on
+        a cluster, where the snapshot stream may have no running replica for a while after
+        its leader's node froze or died (measured: each attempt blocked about 7 s)."""
         was_active = self._active
         if was_active:
             log.warning("owner stepping down to standby: %s", why)
@@ -463,7 +469,7 @@ class Owner:
         if was_active and telemetry.enabled:
             telemetry.execute(_T_STEP_DOWN, {"count": 1}, {**self._t_meta(), "reason": why})
         self._inflight.clear()  # their acks are stale: the broker redelivers them
-        if self._replica is not None:
+        if self._replica is not None and (was_active or drop_replica):
             self._replica.close()
             self._replica = None
 
@@ -527,7 +533,7 @@ class Owner:
             # The deliveries stay ours, unacked: the next takeover serves them first.
             log.warning("takeover failed (%s); standing by and trying again", exc)
             self._held = held
-            self._step_down(str(exc))
+            self._step_down(str(exc), drop_replica=True)  # its reader went silent
             self._stop.wait(_RETRY_TAKEOVER_S)
             return
         follower = replica.follower
