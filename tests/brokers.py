@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import amqp
 import pytest
@@ -536,11 +536,21 @@ class PrivateNode:
         return "\n".join(out)
 
 
+class Startable(Protocol):
+    """A private node or cluster: started once, closed (killed, data gone) after."""
+
+    def start(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=Startable)
+
+
 @contextlib.contextmanager
-def running(
-    node: PrivateNode, setup: Callable[[PrivateNode], object] = lambda _: None
-) -> Iterator[PrivateNode]:
-    """``node`` started (then ``setup(node)``) for the ``with`` block, closed after it.
+def running(node: S, setup: Callable[[S], object] = lambda _: None) -> Iterator[S]:
+    """``node`` (a node or a cluster) started, then ``setup(node)``, for the ``with``
+    block, closed after it.
 
     A node that cannot start, or whose setup fails, fails the test with the node's own
     words (outside the ``except``, so the report is not a chained traceback)."""

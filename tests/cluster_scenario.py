@@ -39,6 +39,7 @@ import amqp
 from brama_mq.client import Brama
 from brama_mq.transport import Topology
 from brama_mq.transport.amqp import AmqpTransport
+from tests.brokers import delete_names
 from tests.cluster import NET_TICKTIME, PrivateCluster
 from tests.worker_proc import WorkerProcess
 
@@ -349,6 +350,18 @@ def restore(cluster: PrivateCluster) -> None:
             cluster.kill(i)
             cluster.restart(i)
     cluster.wait_members(everyone, timeout=90)
+
+
+def delete_deployment(cluster: PrivateCluster, prefix: str) -> None:
+    """Delete every queue, stream and exchange a scenario under ``prefix`` declared (the
+    observer's queue too), from a node that is up; a cluster that keeps the leftovers of
+    earlier runs re-elects more leaders after each fault, which slows the next one."""
+    topology = Topology(prefix)
+    delete_names(
+        cluster.urls[1],
+        [*topology.queue_names(), f"{prefix}.observer"],
+        [name for name, _ in topology.exchanges()],
+    )
 
 
 def _view(cluster: PrivateCluster, i: int) -> list[str]:

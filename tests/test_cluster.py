@@ -21,10 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from brama_mq.transport import Topology
 from tests import brokers
 from tests.cluster import PrivateCluster, iptables_available
-from tests.cluster_scenario import FREEZE_S, PARTITION_S, Fault, Outcome, restore, run_scenario
+from tests.cluster_scenario import (
+    FREEZE_S,
+    PARTITION_S,
+    Fault,
+    Outcome,
+    delete_deployment,
+    restore,
+    run_scenario,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.private_node, pytest.mark.timeout(900)]
 
@@ -32,19 +39,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.private_node, pytest.mark.timeout
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
     """One cluster for the module (10-20 s to start); each test restores it first."""
-    c = PrivateCluster(tmp_path_factory.mktemp("cluster"))
-    problem = None
-    try:
-        c.start()
-    except brokers.BrokerSetupError as exc:
-        c.close()
-        problem = str(exc)
-    if problem is not None:
-        pytest.fail(problem, pytrace=False)
-    try:
+    with brokers.running(PrivateCluster(tmp_path_factory.mktemp("cluster"))) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture
@@ -55,12 +51,7 @@ def healthy(cluster: PrivateCluster, tmp_path: Path) -> Iterator[tuple[PrivateCl
     prefix = f"t{uuid.uuid4().hex[:10]}"
     yield cluster, prefix
     restore(cluster)
-    topology = Topology(prefix)
-    brokers.delete_names(
-        cluster.urls[1],
-        [*topology.queue_names(), f"{prefix}.observer"],
-        [name for name, _ in topology.exchanges()],
-    )
+    delete_deployment(cluster, prefix)
 
 
 def _run(healthy: tuple[PrivateCluster, str], tmp_path: Path, name: str, fault: Fault,
