@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from brama_mq.cli.watch import WatchView
 from brama_mq.protocol import Event
 from brama_mq.transport.amqp import AmqpTransport
-from brama_mq.watch import WatchView
 from tests.subscribe_helpers import Stack, owner_stack, wait_until
 
 pytestmark = pytest.mark.broker

@@ -64,7 +64,7 @@ def test_watch_reads_the_states_again_after_a_reconnect(
 
     from rich.console import Console
 
-    from brama_mq.watch import run_watch
+    from brama_mq.cli.watch import run_watch
     from tests.subscribe_helpers import wait_until
 
     stack.client.register("w", max_attempts=1, wait=True)

@@ -1,4 +1,5 @@
-"""``brama-mq``: the command line.
+"""``brama-mq``: the command group and its commands demo, worker, watch and completion
+(the admin commands come from :mod:`brama_mq.cli.admin`).
 
 Exit codes scripts can rely on: 0 ok, 1 the operation failed (broker away, refused),
 2 bad usage or settings, 3 not registered, 4 no owner answered (admin commands).
@@ -13,7 +14,7 @@ from typing import Any
 
 import click
 
-from brama_mq.cli_options import shards_option, tls_options
+from brama_mq.cli.options import shards_option, tls_options
 from brama_mq.errors import BramaError
 from brama_mq.settings import MEMORY_URL, Settings, SettingsError
 
@@ -75,7 +76,7 @@ def demo(
       brama-mq demo --broker amqp://guest:guest@127.0.0.1:5672// --seconds 5
       brama-mq demo --json --seconds 4 | jq .transitions
     """
-    from brama_mq.demo import run_demo
+    from brama_mq.cli.demo import run_demo
 
     quiet = {}
     if as_json:
@@ -323,8 +324,8 @@ def watch(
       brama-mq watch --connection payment_api --json | jq -r .data.state
       brama-mq watch --pattern '*.*.circuit_opened'
     """
+    from brama_mq.cli.watch import run_watch
     from brama_mq.errors import FilterError
-    from brama_mq.watch import run_watch
 
     try:
         settings = Settings.from_env(broker_url=broker_url, prefix=prefix)
@@ -381,13 +382,10 @@ def completion(shell: str) -> None:
 
 
 def _add_admin_commands() -> None:
-    from brama_mq.admin_cli import ADMIN_COMMANDS
+    from brama_mq.cli.admin import ADMIN_COMMANDS
 
     for command in ADMIN_COMMANDS:
         main.add_command(command)
 
 
 _add_admin_commands()
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from brama_mq.cli_options import shards_option, tls_options
+from brama_mq.cli.options import shards_option, tls_options
 from brama_mq.client.brama import Applied, Brama
 from brama_mq.core.policy import OPTION_NAMES
 from brama_mq.errors import (
