@@ -257,7 +257,7 @@ def test_tls_worker_client_and_subscriber(
         assert client.status("tls_api")["state"] == "open"
         got = sub.receive(timeout=10)
         assert got is not None and got.connection == "tls_api"
-        conn = client.transport._new_kombu_connection()  # type: ignore[attr-defined]
+        conn = client.transport.new_kombu_connection()  # type: ignore[attr-defined]
         assert conn.ssl["ca_certs"] == locked.ca
         cli = run_cli(["status", "--json", "--tls-ca-file", locked.ca],
                       {"BRAMA_BROKER_URL": url, "BRAMA_PREFIX": prefix})

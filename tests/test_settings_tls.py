@@ -56,7 +56,7 @@ def test_transport_gets_a_fresh_copy_per_connection(pem: str) -> None:
     """kombu writes server_hostname into the dict; every connection gets its own copy."""
     opts = Settings.from_env({}, broker_url="amqps://u:p@h//", tls_ca_file=pem).ssl_options()
     t = AmqpTransport("amqps://u:p@h//", ssl=opts)
-    a, b = t._new_kombu_connection(), t._new_kombu_connection()
+    a, b = t.new_kombu_connection(), t.new_kombu_connection()
     assert a.ssl == opts and a.ssl is not b.ssl and a.ssl is not opts
 
 

@@ -10,8 +10,9 @@ import time
 import amqp
 import pytest
 
-from brama_mq.transport import amqp as amqp_mod
-from brama_mq.transport.amqp import AmqpTransport, _to_delivery
+from brama_mq.transport.amqp import AmqpTransport
+from brama_mq.transport.amqp import framing as amqp_mod
+from brama_mq.transport.amqp.messages import to_delivery
 from brama_mq.transport.base import Delivery
 
 pytestmark = pytest.mark.broker
@@ -44,11 +45,11 @@ def _comparable(d: Delivery) -> dict[str, object]:
 
 def test_own_delivery_assembly_matches_py_amqp(amqp_transport: AmqpTransport,
                                                broker_url: str) -> None:
-    """Every field of a Delivery the event source assembled equals what _to_delivery makes
+    """Every field of a Delivery the event source assembled equals what to_delivery makes
     of py-amqp's message for the same publish (a second queue, same bindings), including
     multi-frame bodies, headers and content encodings; and a bind (py-amqp waiting for
     bind-ok) while deliveries stream in loses or garbles none."""
-    assert amqp_mod._OWN_DELIVER, "the own basic.deliver parsing is disabled"
+    assert amqp_mod.OWN_DELIVER, "the own basic.deliver parsing is disabled"
     t = amqp_transport
     t.declare()
     source = t.event_source(prefetch=1000)
@@ -70,7 +71,7 @@ def test_own_delivery_assembly_matches_py_amqp(amqp_transport: AmqpTransport,
             if got is None:
                 time.sleep(0.01)
                 continue
-            theirs.append(_to_delivery(got, 1))
+            theirs.append(to_delivery(got, 1))
         ours: list[Delivery] = []
         end = time.monotonic() + 10
         while len(ours) < len(messages) and time.monotonic() < end:

@@ -15,26 +15,27 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from brama_mq.errors import BramaError, BrokerUnavailableError
-from brama_mq.transport.amqp import _AmqpLink, _as_bytes, _ConsumerMixin
+from brama_mq.transport.amqp.link import AmqpLink, ConsumerMixin
+from brama_mq.transport.amqp.messages import as_bytes
 from brama_mq.transport.base import StreamStart
 from brama_mq.transport.errors import RECOVERABLE_ERRORS
 
 if TYPE_CHECKING:
-    from brama_mq.transport.amqp import AmqpTransport
+    from brama_mq.transport.amqp.endpoint import AmqpEndpoint
 
 __all__ = ["AmqpStreamReader"]
 
 _PREFETCH = 2_000
 
 
-class AmqpStreamReader(_ConsumerMixin, _AmqpLink):
+class AmqpStreamReader(ConsumerMixin, AmqpLink):
     """One consumer of one stream, from a position; used from one thread."""
 
     role = "stream reader"
 
     def __init__(
         self,
-        transport: AmqpTransport,
+        transport: AmqpEndpoint,
         stream: str,
         *,
         offset: StreamStart = "first",
@@ -59,7 +60,7 @@ class AmqpStreamReader(_ConsumerMixin, _AmqpLink):
         # The stream is checked, not the whole topology declared again on every
         # (re)connect: the owner declares that, and on a cluster a reconnect should not
         # wait on queues it does not read.
-        ch = self._t._declare_shared(conn, [], [self._stream])
+        ch = self._t.declare_shared(conn, [], [self._stream])
         ch.basic_qos(prefetch_size=0, prefetch_count=_PREFETCH, a_global=False)
         self._buffer.clear()
         self._cancelled = False
@@ -111,7 +112,7 @@ class AmqpStreamReader(_ConsumerMixin, _AmqpLink):
             last_tag = msg.delivery_info["delivery_tag"]
             if not isinstance(offset, int) or (nxt is not None and offset < nxt):
                 continue  # a repeat after a reconnect
-            out.append((offset, _as_bytes(msg.body)))
+            out.append((offset, as_bytes(msg.body)))
             nxt = offset + 1
         self._next = nxt
         if last_tag and self._channel is not None:
