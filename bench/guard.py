@@ -119,7 +119,7 @@ def measure_brama(p: Params, prefix: str) -> dict[str, float]:
         first = guard.admit()  # starts the view, waits for its snapshot
         if not (first.allowed and first.why == "closed" and guard.key in client.local_view.closed):
             raise RuntimeError(f"the circuit is not closed in the view: {first!r}")
-        runtime = client._guard_runtime
+        runtime = client.guard_runtime
         assert runtime is not None
         check = per_call_us(guard.admit, p.calls, p.repeat)
         wrapped = client.guarded("bench_api", scope="bench")(noop)

@@ -35,7 +35,7 @@ class Stack:
     def flush(self) -> None:
         """Until the owner has applied every report sent so far (a status request queues
         behind them on the owner queue)."""
-        runtime = self.client._guard_runtime
+        runtime = self.client.guard_runtime
         assert runtime is not None
         assert runtime.outbox.flush(5)
         self.client.snapshot()
@@ -339,7 +339,7 @@ def test_successes_in_a_row_are_merged_but_order_per_connection_is_kept() -> Non
 
 def test_outbox_commands_are_valid_protocol_commands() -> None:
     """Outbox bodies decode as protocol commands (escaped reason, count and lease options)."""
-    outbox = Outbox(Brama(transport=MemoryTransport()))
+    outbox = Outbox(Brama(transport=MemoryTransport()).commands)
     report = Report("failure", "pay.api", 's"1', "Boom: \udc80 \u2028", None, 5_000_000_000)
     body = outbox.encode(report)
     command = decode_command(body, "application/json")
@@ -380,7 +380,7 @@ def test_full_outbox_drops_and_counts_then_delivers_in_order_when_the_owner_is_b
     owner.stop(wait=5)
     topology = memory_transport.topology
     memory_transport.broker.delete_queue(topology.owner_queue())  # commands are unroutable
-    outbox = Outbox(client, max_size=3, linger=0)
+    outbox = Outbox(client.commands, max_size=3, linger=0)
     try:
         outbox.put("failure", "api", "s", "first")
         deadline = time.monotonic() + 5

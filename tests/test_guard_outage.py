@@ -142,7 +142,7 @@ def test_client_buffers_commands_while_the_broker_is_away_and_flushes_them(
         assert stats["refused"] == 1 and stats["reconnects"] >= 1
         # Outcome reports (what guards and Celery tasks send) follow the same rule: the
         # link refuses them while full, so the outbox keeps them and retries; none lost.
-        outbox = Outbox(client, linger=0)
+        outbox = Outbox(client.commands, linger=0)
         for i in range(25):
             assert outbox.put("failure", "api", "s", f"task {i} failed")
         _until("the outbox retried", lambda: outbox.counters["retries"] >= 1, timeout=10)

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import brama_mq.protocol as protocol
+import brama_mq.protocol.codec as codec
 from brama_mq.core.events import EVENT_TYPES
 from brama_mq.core.events import Event as CoreEvent
 from brama_mq.errors import ProtocolError
@@ -429,6 +430,38 @@ def test_command_body_encodes_what_make_command_encodes(
         )[0]
     except (InvalidNameError, ProtocolError) as exc:
         got = type(exc)
+    assert got == expected
+
+
+@given(
+    op=st.sampled_from(["success", "failure", "release_probe"]) | st.text(max_size=8),
+    connection=st.text(min_size=1, max_size=12),
+    scope=st.none() | st.text(min_size=1, max_size=12),
+    reason=st.none() | st.text(max_size=20),
+    lease=st.none() | st.text(max_size=8),
+    count=st.integers(min_value=-2, max_value=2**40),
+    now_ms=st.integers(min_value=-1, max_value=2**53),
+)
+def test_report_body_is_command_body_of_the_report(
+    op: str, connection: str, scope: str | None, reason: str | None, lease: str | None,
+    count: int, now_ms: int,
+) -> None:
+    """The outbox's entry point writes command_body's bytes (with ``lease`` or ``count``
+    as the options), or raises what command_body raises."""
+    from brama_mq.errors import InvalidNameError
+
+    options = {"lease": lease} if lease else {"count": count} if count != 1 else None
+    try:
+        got: Any = codec.report_body(op, connection, scope, reason, now_ms=now_ms,
+                                        lease=lease, count=count)
+        ident = json.loads(got)["id"]
+    except (InvalidNameError, ProtocolError) as exc:
+        got, ident = type(exc), None
+    try:
+        expected: Any = protocol.command_body(op, connection, scope, reason, options,
+                                              now_ms=now_ms, id=ident)[0]
+    except (InvalidNameError, ProtocolError) as exc:
+        expected = type(exc)
     assert got == expected
 
 

@@ -118,7 +118,7 @@ def test_two_shards_each_with_owner_and_standby(
             client.failure(n, scope="svc", wait=True)
             client.failure(n, scope="svc", wait=True)
         for k in range(2):
-            rows = client._query("snapshot", None, None, key=f"owner.{k}")["connections"]
+            rows = client.commands.query("snapshot", None, None, key=f"owner.{k}")["connections"]
             assert {r["connection"] for r in rows} == expected[k]
         rows = client.snapshot()
         assert sorted(r["connection"] for r in rows) == sorted(names)
@@ -135,7 +135,7 @@ def test_two_shards_each_with_owner_and_standby(
         applied = client.register(late, scope="svc", wait=True)
         assert applied is not None and applied.status == "applied"
         assert client.status(late, scope="svc")["connection"] == late
-        rows = client._query("snapshot", None, None, key="owner.1")["connections"]
+        rows = client.commands.query("snapshot", None, None, key="owner.1")["connections"]
         assert {r["connection"] for r in rows} == expected[1]  # shard 1 untouched
     finally:
         client.disconnect()

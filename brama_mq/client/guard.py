@@ -33,29 +33,29 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
+from brama_mq.client.link import CommandLink
 from brama_mq.client.local_view import (
     _ORPHANS,
     FAIL_CLOSED,
     FAIL_MODES,
     FAIL_OPEN,
     LocalView,
+    ViewClient,
     view_key,
 )
 from brama_mq.client.outbox import DEFAULT_OUTBOX_SIZE, RELEASE, Outbox
 from brama_mq.core.events import CLOSED, HALF_OPEN, OPEN
 from brama_mq.errors import BramaError, CircuitOpenError, NotRegisteredError
-from brama_mq.owner.service import wall_clock_ms
-
-if TYPE_CHECKING:
-    from brama_mq.client.brama import Brama
+from brama_mq.protocol.clock import wall_clock_ms
 
 __all__ = [
     "ADMIT_CLOSED",
     "Admission",
     "ExceptionTypes",
     "Guard",
+    "GuardClient",
     "GuardRuntime",
     "GuardedCall",
     "defer_seconds",
@@ -171,12 +171,35 @@ def view_options_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
+class GuardClient(ViewClient, Protocol):
+    """What guards need of their client (a :class:`~brama_mq.client.Brama`): a protocol,
+    so this module does not import the client, which imports it."""
+
+    #: This process's guard machinery for the client, made by :func:`runtime_for`.
+    guard_runtime: GuardRuntime | None
+
+    @property
+    def commands(self) -> CommandLink:
+        """The client's way to the owner; the outbox sends through it."""
+        ...
+
+    def acquire_probe(
+        self, connection: str, *, scope: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Ask the owner for a half-open trial call."""
+        ...
+
+    def disconnect(self) -> None:
+        """Close the client (its runtime, link and, if it made it, transport)."""
+        ...
+
+
 class GuardRuntime:
     """A client's guard machinery in one process: the local view and the outbox."""
 
     def __init__(
         self,
-        client: Brama,
+        client: GuardClient,
         *,
         view: LocalView | None = None,
         max_staleness: float = DEFAULT_MAX_STALENESS,
@@ -195,7 +218,7 @@ class GuardRuntime:
         #: Until then, a check that finds the view not bootstrapped yet waits for it.
         self.startup_deadline = time.monotonic() + startup_timeout
         self.probe_timeout = probe_timeout
-        self.outbox = Outbox(client, max_size=outbox_size)
+        self.outbox = Outbox(client.commands, max_size=outbox_size)
         #: key -> (entry seq, wall ms): the owner refused a permit; do not ask again
         #: before that time unless the circuit moved (a newer seq) meanwhile.
         self._no_permit: dict[str, tuple[tuple[int, int], int]] = {}
@@ -302,10 +325,10 @@ class GuardRuntime:
 
 
 _runtime_lock = threading.RLock()
-_CLIENTS: weakref.WeakSet[Brama] = weakref.WeakSet()
+_CLIENTS: weakref.WeakSet[GuardClient] = weakref.WeakSet()
 
 
-def runtime_for(client: Brama, *, wait: bool = True, **options: Any) -> GuardRuntime:
+def runtime_for(client: GuardClient, *, wait: bool = True, **options: Any) -> GuardRuntime:
     """The client's :class:`GuardRuntime` in this process, made and started on first use.
 
     ``options`` (``max_staleness``, ``fail_mode``, ``startup_timeout``,
@@ -313,11 +336,11 @@ def runtime_for(client: Brama, *, wait: bool = True, **options: Any) -> GuardRun
     ``BRAMA_VIEW_MAX_STALENESS`` and ``BRAMA_FAIL_MODE``. A view the client already has
     (``LocalView.attach``) is used as is.
     """
-    runtime: GuardRuntime | None = client._guard_runtime
+    runtime = client.guard_runtime
     if runtime is not None and runtime.pid == os.getpid():
         return runtime
     with _runtime_lock:
-        runtime = client._guard_runtime
+        runtime = client.guard_runtime
         if runtime is None or runtime.pid != os.getpid():
             opts = {**view_options_from_env(), **options}
             view = client.local_view
@@ -331,7 +354,7 @@ def runtime_for(client: Brama, *, wait: bool = True, **options: Any) -> GuardRun
                 opts.pop("max_staleness", None)
                 opts.pop("fail_mode", None)
             runtime = GuardRuntime(client, view=view, **opts)
-            client._guard_runtime = runtime
+            client.guard_runtime = runtime
             client.local_view = view
             _CLIENTS.add(client)
             runtime.start(wait=False)
@@ -341,14 +364,14 @@ def runtime_for(client: Brama, *, wait: bool = True, **options: Any) -> GuardRun
 
 
 def _after_fork() -> None:
-    # The parent's view, outbox and link belong to the parent (their threads do not
-    # exist here; their sockets are the parent's). Keep them referenced so they are
-    # never collected or closed here, and let the next guard build this process's own.
+    # The parent's view and outbox belong to the parent (their threads do not exist
+    # here; their sockets are the parent's). Keep them referenced so they are never
+    # collected or closed here, and let the next guard build this process's own. The
+    # client's link is dropped by brama_mq.client.link's own fork hook.
     for client in list(_CLIENTS):
-        _ORPHANS.append((client._guard_runtime, client.local_view, client._link))
-        client._guard_runtime = None
+        _ORPHANS.append((client.guard_runtime, client.local_view))
+        client.guard_runtime = None
         client.local_view = None
-        client._link = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -367,7 +390,7 @@ class Guard:
 
     def __init__(
         self,
-        client: Brama,
+        client: GuardClient,
         connection: str,
         scope: str | None = None,
         *,
@@ -396,7 +419,7 @@ class Guard:
 
     def admit_slow(self) -> Admission:
         """The check without the fast path (starts this process's view if needed)."""
-        runtime = self.client._guard_runtime
+        runtime = self.client.guard_runtime
         if runtime is None or runtime.pid != os.getpid():
             runtime = runtime_for(self.client)
         return runtime.decide(self)
@@ -417,7 +440,7 @@ class Guard:
     # ------------------------------------------------------------------ after
     def _outbox(self) -> Outbox:
         # No pid check here: an after-fork hook clears the runtime in a child.
-        runtime = self.client._guard_runtime
+        runtime = self.client.guard_runtime
         if runtime is None:
             runtime = runtime_for(self.client, wait=False)
         return runtime.outbox

@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from brama_mq.core.events import (
     CLOSED,
@@ -48,9 +48,6 @@ from brama_mq.core.routing import encode_name, encode_scope
 from brama_mq.errors import BramaError
 from brama_mq.transport.base import Delivery, EventSource, Transport
 
-if TYPE_CHECKING:
-    from brama_mq.client.brama import Brama
-
 __all__ = [
     "FAIL_CLOSED",
     "FAIL_MODES",
@@ -58,6 +55,7 @@ __all__ = [
     "REMOVED",
     "VIEW_BINDINGS",
     "LocalView",
+    "ViewClient",
     "ViewEntry",
     "view_key",
 ]
@@ -89,6 +87,30 @@ def view_key(scope: str | None, connection: str) -> str:
     return f"{encode_scope(scope)}.{encode_name(connection)}"
 
 
+class ViewClient(Protocol):
+    """What a view needs of its client (a :class:`~brama_mq.client.Brama`): a protocol,
+    so this module does not import the client, which imports it."""
+
+    #: The client's view, installed by :meth:`LocalView.attach`.
+    local_view: LocalView | None
+
+    @property
+    def transport(self) -> Transport:
+        """Where the view's event source comes from (by default)."""
+        ...
+
+    @property
+    def request_timeout(self) -> float:
+        """Bounds the wait for a snapshot."""
+        ...
+
+    def snapshot(
+        self, scope: str | None = None, *, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Status of every connection, from the owner(s)."""
+        ...
+
+
 class ViewEntry(NamedTuple):
     """What the view knows about one connection."""
 
@@ -112,7 +134,7 @@ class LocalView:
 
     def __init__(
         self,
-        client: Brama,
+        client: ViewClient,
         *,
         transport: Transport | None = None,
         max_staleness: float = 30.0,
@@ -164,7 +186,9 @@ class LocalView:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def attach(cls, client: Brama, *, wait: float | None = 5.0, **options: Any) -> LocalView:
+    def attach(
+        cls, client: ViewClient, *, wait: float | None = 5.0, **options: Any
+    ) -> LocalView:
         """Make a view for ``client``, start it and install it as ``client.local_view``."""
         view = cls(client, **options)
         view.start(wait=wait)

@@ -11,13 +11,14 @@ client and process:
   once), failures, probe outcomes and permit releases at once. It merges each run of
   lease-less successes of one connection into one ``success`` command with
   ``options.count`` (:func:`coalesce`, straight from the queued tuples: the owner
-  applies it as that many successes), and posts the batch to the client's link
-  (``post_many``): one write, no wait; the link keeps every command until the broker
-  confirmed it and republishes after a reconnect (links without ``post_many``: one
-  ``send_many`` with one wait for the confirms). When the link refuses (its buffer is
-  full while the broker is away) or fails, the batch stays at the head and is sent
-  again after a pause (exponential, capped at 5 s): reports are delivered at least
-  once, and in order per connection, once the broker is back;
+  applies it as that many successes), encodes each with the protocol's command
+  encoder (:func:`~brama_mq.protocol.codec.report_body`) and posts the batch through the
+  client's :class:`~brama_mq.client.link.CommandLink` (``post_many``): one write, no
+  wait; the link keeps every command until the broker confirmed it and republishes
+  after a reconnect (a link that cannot buffer: each sent, confirmed). When the link
+  refuses (its buffer is full while the broker is away) or fails, the batch stays at
+  the head and is sent again after a pause (exponential, capped at 5 s): reports are
+  delivered at least once, and in order per connection, once the broker is back;
 * at most ``max_size`` reports wait (plus the batch in flight); when the outbox is full
   a new report is dropped, counted in ``stats()["dropped"]`` and logged (at most one
   WARNING line every 10 s).
@@ -31,24 +32,19 @@ permit comes back when its lease times out.
 from __future__ import annotations
 
 import atexit
-import itertools
-import json
 import logging
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Sequence
 from time import time_ns
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
-from brama_mq.errors import BramaError
-from brama_mq.protocol import PROTOCOL_VERSION
-
-if TYPE_CHECKING:
-    from brama_mq.client.brama import Brama
+from brama_mq.client.link import CommandLink
+from brama_mq.errors import BramaError, InvalidNameError, ProtocolError
+from brama_mq.protocol.codec import report_body
 
 __all__ = ["DEFAULT_OUTBOX_SIZE", "Outbox", "Report"]
 
@@ -117,7 +113,6 @@ def coalesce(reports: Sequence[tuple[Any, ...]]) -> list[Report]:
     ]
 
 
-_quote: Final = json.encoder.encode_basestring_ascii
 #: A queued report as put() appends it: (op, connection, scope, reason, lease, ts_ns).
 _Raw = tuple[str, str, str | None, str | None, str | None, int]
 
@@ -127,7 +122,7 @@ class Outbox:
 
     def __init__(
         self,
-        client: Brama,
+        commands: CommandLink,
         *,
         max_size: int = DEFAULT_OUTBOX_SIZE,
         batch: int = DEFAULT_BATCH,
@@ -135,7 +130,7 @@ class Outbox:
     ) -> None:
         if max_size < 1 or batch < 1:
             raise ValueError("max_size and batch must be >= 1")
-        self.client = client
+        self.commands = commands
         self.max_size = max_size
         self.batch = batch
         self.linger = linger
@@ -150,9 +145,6 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._last_drop_log = 0.0
-        self._id_prefix = uuid.uuid4().hex[:16] + "-"
-        self._ids = itertools.count(1)
-        self._heads: dict[tuple[str, str, str | None], str] = {}
         self.counters: dict[str, int] = {
             "sent": 0,
             "reports_sent": 0,
@@ -202,9 +194,7 @@ class Outbox:
     def pending(self) -> int:
         """Reports not yet confirmed by the broker: waiting here, in flight, and in the
         client link's buffer (which also holds the client's own unconfirmed commands)."""
-        link: Any = self.client._link
-        in_link = link.pending() if link is not None and hasattr(link, "pending") else 0
-        return len(self._queue) + len(self._inflight) + int(in_link)
+        return len(self._queue) + len(self._inflight) + self.commands.pending()
 
     def stats(self) -> dict[str, int]:
         """sent, dropped, retries, released, release_failures, pending."""
@@ -232,10 +222,9 @@ class Outbox:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
-        link: Any = self.client._link
-        if link is not None and self.pid == os.getpid() and hasattr(link, "flush"):
-            return bool(link.flush(max(0.0, deadline - time.monotonic())))
-        return True
+        if self.pid != os.getpid():
+            return True
+        return self.commands.flush(max(0.0, deadline - time.monotonic()))
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush for up to ``timeout`` seconds, then stop the sender."""
@@ -330,67 +319,54 @@ class Outbox:
         self._take(inflight)
 
     def _send(self, reports: list[_Raw]) -> None:
-        """Hand the batch to the client link: posted (the link keeps every command until
-        the broker confirmed it, republishing after a reconnect) where the link can,
-        else sent with one wait for the confirms. Permit releases are RPCs."""
-        client = self.client
+        """Hand the batch to the client's :class:`CommandLink`: posted (kept until the
+        broker confirmed it, republished after a reconnect). Permit releases are RPCs."""
+        commands = self.commands
         bodies: list[tuple[bytes, str]] = []
         releases: list[Report] = []
         merged = coalesce(reports)
+        reported = 0
         for r in merged:
             if r.op == RELEASE:
                 releases.append(r)
                 continue
-            bodies.append((self.encode(r), client._route(r.scope, r.connection)))
+            try:
+                body = self.encode(r)
+            except (InvalidNameError, ProtocolError) as exc:  # would block the queue
+                self.counters["dropped"] += r.times
+                log.warning("brama outbox: %s for %r dropped (%s)", r.op, r.connection, exc)
+                continue
+            bodies.append((body, commands.route(r.scope, r.connection)))
+            reported += r.times
         if bodies:
-            link: Any = client.link
-            post_many = getattr(link, "post_many", None)
-            if post_many is not None:
-                post_many(bodies)
-            else:
-                send_many = getattr(link, "send_many", None)
-                if send_many is not None:
-                    send_many(bodies)
-                else:
-                    for body, key in bodies:
-                        link.send(body, key)
+            commands.post_many(bodies)
             self.counters["sent"] += len(bodies)
-            self.counters["reports_sent"] += sum(r.times for r in merged if r.op != RELEASE)
+            self.counters["reports_sent"] += reported
         for r in releases:
             try:
                 if r.lease is not None:
-                    client.release_probe(r.connection, r.lease, scope=r.scope)
+                    commands.query("release_probe", r.connection, r.scope, lease=r.lease)
                 self.counters["released"] += 1
             except BramaError as exc:
                 self.counters["release_failures"] += 1
                 log.info("brama outbox: giving back probe permit %s failed (%s)", r.lease, exc)
 
-    def encode(self, r: Report) -> bytes:
-        """The command of a report as the protocol's JSON (``v``, ``op``, ``connection``,
-        ``scope``, ``id``, ``ts``, ``reason``, ``options.lease``). Strings are
-        ASCII-escaped JSON, so no exception text can make the body invalid; the head up
-        to the id is built once per (op, connection, scope)."""
-        head_key = (r.op, r.connection, r.scope)
-        head = self._heads.get(head_key)
-        if head is None:
-            if len(self._heads) > 10_000:
-                self._heads.clear()
-            scope = "null" if r.scope is None else _quote(r.scope)
-            head = self._heads[head_key] = (
-                f'{{"v":{PROTOCOL_VERSION},"op":{_quote(r.op)},"connection":'
-                f'{_quote(r.connection)},"scope":{scope},"id":"{self._id_prefix}'
-            )
-        body = f'{head}{next(self._ids):x}","ts":{r.ts_ns // 1_000_000}'
-        if r.reason is not None:
-            reason = r.reason
+    @staticmethod
+    def encode(r: Report) -> bytes:
+        """The command of a report, by the protocol's encoder (``report_body``, which is
+        ``command_body`` with ``options.lease`` or ``options.count``). The reason is cut
+        to :data:`MAX_REASON` and a lone surrogate in it replaced, so no exception text
+        makes the body invalid."""
+        reason = r.reason
+        if reason is not None:
             if len(reason) > MAX_REASON:
                 reason = reason[: MAX_REASON - 3] + "..."
-            body += ',"reason":' + _quote(reason.encode("utf-8", "replace").decode("utf-8"))
-        if r.lease:
-            body += ',"options":{"lease":' + _quote(r.lease) + "}"
-        elif r.times != 1:
-            body += f',"options":{{"count":{int(r.times)}}}'
-        return (body + "}").encode("ascii")
+            if not reason.isascii():
+                reason = reason.encode("utf-8", "replace").decode("utf-8")
+        return report_body(
+            r.op, r.connection, r.scope, reason, now_ms=r.ts_ns // 1_000_000, lease=r.lease,
+            count=r.times,
+        )
 
 
 _OUTBOXES: weakref.WeakSet[Outbox] = weakref.WeakSet()

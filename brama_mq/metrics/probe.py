@@ -30,8 +30,8 @@ class OwnerProbe:
         return self
 
     def _run(self) -> None:
-        from brama_mq.owner.service import wall_clock_ms
         from brama_mq.protocol import encode_command, make_command
+        from brama_mq.protocol.clock import wall_clock_ms
 
         owner = self.owner
         if not owner.ready.wait(60):

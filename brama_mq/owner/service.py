@@ -66,6 +66,7 @@ from brama_mq.owner.journal import (
 from brama_mq.owner.lease import Lease, default_lease
 from brama_mq.owner.queries import answer_query
 from brama_mq.protocol import QUERY_OPS, Reply, decode_command, encode_event, encode_reply
+from brama_mq.protocol.clock import wall_clock_ms as wall_clock_ms  # re-exported
 from brama_mq.transport.base import (
     PING_BODY,
     PING_HEADER,
@@ -112,10 +113,6 @@ _T_DEAD = ("brama", "owner", "dead_letter")
 _T_TAKEOVER = ("brama", "owner", "takeover")
 _T_STEP_DOWN = ("brama", "owner", "step_down")
 _ONE: Mapping[str, int] = MappingProxyType({"count": 1})
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @runtime_checkable

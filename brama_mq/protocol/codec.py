@@ -43,6 +43,7 @@ __all__ = [
     "encode_reply",
     "make_command",
     "new_command_id",
+    "report_body",
 ]
 
 CONTENT_TYPE: Final = "application/json"
@@ -480,9 +481,6 @@ def make_command(
     )
 
 
-_NONE_TYPE: Final = type(None)
-
-
 class _CommandIds:
     """Command ids without a uuid4 per command: a random prefix per process, then a
     counter (unique while the prefix is; a forked child draws a new prefix)."""
@@ -504,6 +502,66 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_IDS.reset)
 
 
+#: A JSON string literal of a str, exactly as :data:`_encode` writes strings.
+_quote: Final = json.encoder.encode_basestring
+#: ``(op, scope, connection)`` -> the body's head up to ``"id":`` (names checked).
+_HEADS: dict[tuple[str, str | None, str | None], str] = {}
+_HEADS_LIMIT: Final = 10_000
+
+
+def _head(op: str, scope: str | None, connection: str | None) -> str:
+    """The start of a command body, ``{"v":1,"op":…,"scope":…,"connection":…,"id":``,
+    cached per ``(op, scope, connection)``, so a sender repeating a command checks its
+    names once. Raises :class:`InvalidNameError` as ``check_names``; ``""`` (not cached)
+    when only :func:`make_command` can say what is wrong with ``op``."""
+    if connection is not None:
+        check_names(scope, connection)
+    else:
+        encode_scope(scope)
+    if (
+        type(op) is not str
+        or op not in _ALL_OPS
+        or (connection is None and op not in CONNECTION_OPTIONAL_OPS)
+    ):
+        return ""
+    head = (
+        f'{{"v":{PROTOCOL_VERSION},"op":{_quote(op)},'
+        f'"scope":{"null" if scope is None else _quote(scope)},'
+        f'"connection":{"null" if connection is None else _quote(connection)},"id":'
+    )
+    if len(_HEADS) >= _HEADS_LIMIT:
+        _HEADS.clear()
+    _HEADS[(op, scope, connection)] = head
+    return head
+
+
+def _body(head: str, id_text: str, now_ms: int, reason_text: str, options_text: str) -> bytes:
+    """A command body from its head (:func:`_head`) and the JSON of the other fields."""
+    return (
+        f'{head}{id_text},"ts":{now_ms},"reason":{reason_text},"options":{options_text}}}'
+    ).encode()
+
+
+def _options_json(options: Mapping[str, Any]) -> str:
+    """``options`` as JSON when it is a dict with str keys (one ``lease`` or ``count``, the
+    common case, written directly), else ``""``; TypeError/ValueError from the encoder."""
+    if type(options) is not dict:
+        return ""
+    if len(options) == 1:
+        ((key, value),) = options.items()
+        if type(key) is not str:
+            return ""
+        if type(value) is str:
+            return f"{{{_quote(key)}:{_quote(value)}}}"
+        if type(value) is int:
+            return f"{{{_quote(key)}:{value}}}"
+        return _encode(options)
+    for key in options:
+        if type(key) is not str:
+            return ""
+    return _encode(options) if options else "{}"
+
+
 def command_body(
     op: str,
     connection: str | None,
@@ -516,43 +574,83 @@ def command_body(
 ) -> tuple[bytes, str]:
     """``(encode_command(make_command(...)), id)`` without building the pydantic model.
 
-    The client's send path. Names are checked first (:class:`InvalidNameError`, as
-    ``check_names``); then, for the usual arguments (``op`` a command or query op,
-    ``reason`` a str or None, ``options`` a dict with str keys) this only encodes, in
-    the model's field order; anything else, or anything the encoder refuses, goes
-    through :func:`make_command`, so errors are the same. A test pins that both give
-    the same JSON. ``id`` defaults to :func:`new_command_id`.
+    The one command encoder of the senders: the client's calls and the outbox of
+    outcome reports (:mod:`brama_mq.client.outbox`) both send what this returns. Names
+    are checked first (:class:`InvalidNameError`, as ``check_names``, once per
+    ``(op, scope, connection)``: see :func:`_head`); then, for the usual arguments
+    (``reason`` a str or None, ``options`` None or a dict with str keys) this only
+    writes JSON, in the model's field order; anything else, or anything the encoder
+    refuses, goes through :func:`make_command`, so errors are the same. A test pins
+    that both give the same JSON. ``id`` defaults to :func:`new_command_id`.
     """
-    if connection is not None:
-        check_names(scope, connection)
-    else:
-        encode_scope(scope)
+    try:
+        head = _HEADS.get((op, scope, connection))
+    except TypeError:  # an unhashable argument: checked (and refused) below
+        head = None
+    if head is None:
+        head = _head(op, scope, connection)
     ident = new_command_id() if id is None else id
-    if (
-        op in _ALL_OPS
-        and type(reason) in (str, _NONE_TYPE)
-        and type(now_ms) is int
-        and now_ms >= 0
-        and ident
-        and (connection is not None or op in CONNECTION_OPTIONAL_OPS)
-    ):
-        opts: Any = {} if options is None else options
-        if type(opts) is dict and all(type(k) is str for k in opts):
+    if head and type(ident) is str and ident and type(now_ms) is int and now_ms >= 0:
+        if reason is None:
+            reason_text = "null"
+        elif type(reason) is str:
+            reason_text = _quote(reason)
+        else:
+            reason_text = ""
+        if reason_text:
             try:
-                text = _encode(
-                    {
-                        "v": PROTOCOL_VERSION,
-                        "op": op,
-                        "scope": scope,
-                        "connection": connection,
-                        "id": ident,
-                        "ts": now_ms,
-                        "reason": reason,
-                        "options": opts,
-                    }
-                )
-                return text.encode("utf-8"), ident
-            except (TypeError, ValueError, RecursionError):
+                opts = "{}" if options is None else _options_json(options)
+                if opts:
+                    # a drawn id is hex and a dash: nothing in it to escape
+                    id_text = '"' + ident + '"' if id is None else _quote(ident)
+                    return _body(head, id_text, now_ms, reason_text, opts), ident
+            except (TypeError, ValueError, RecursionError):  # incl. a lone surrogate
                 pass  # make_command / encode_command say what is wrong
     cmd = make_command(op, connection, scope, reason, options, now_ms=now_ms, id=ident)
     return encode_command(cmd), ident
+
+
+def report_body(
+    op: str,
+    connection: str,
+    scope: str | None,
+    reason: str | None,
+    *,
+    now_ms: int,
+    lease: str | None = None,
+    count: int = 1,
+) -> bytes:
+    """:func:`command_body` of an outcome report (the guards' outbox), byte for byte,
+    without building its options: ``options`` is ``{"lease": lease}`` with a lease,
+    else ``{"count": count}`` when ``count != 1``, else empty. Same head cache, same
+    layout (a test pins the equality); anything unusual goes through
+    :func:`command_body`, so errors are the same."""
+    try:
+        head = _HEADS.get((op, scope, connection))
+    except TypeError:
+        head = None
+    if head is None:
+        head = _head(op, scope, connection)
+    if (
+        head
+        and type(now_ms) is int
+        and now_ms >= 0
+        and (reason is None or type(reason) is str)
+        and (lease is None or type(lease) is str)
+        and type(count) is int
+    ):
+        if lease:
+            opts = '{"lease":' + _quote(lease) + "}"
+        elif count != 1:
+            opts = f'{{"count":{count}}}'
+        else:
+            opts = "{}"
+        reason_text = "null" if reason is None else _quote(reason)
+        try:
+            return _body(head, f'"{new_command_id()}"', now_ms, reason_text, opts)
+        except UnicodeEncodeError:  # a lone surrogate: command_body says what is wrong
+            pass
+    options: dict[str, Any] | None = (
+        {"lease": lease} if lease else {"count": count} if count != 1 else None
+    )
+    return command_body(op, connection, scope, reason, options, now_ms=now_ms)[0]

@@ -27,19 +27,16 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from brama_mq.errors import BramaError, ProtocolError
 from brama_mq.protocol import Event
 from brama_mq.subscribe.decode import fast_decode_event
 from brama_mq.subscribe.pump import Pump
 from brama_mq.subscribe.window import EpochBook, EventKey, SeenWindow, event_key
-from brama_mq.transport.base import Delivery, EventSource
+from brama_mq.transport.base import Delivery, EventSource, Transport
 
-if TYPE_CHECKING:
-    from brama_mq.subscribe.hub import Hub
-
-__all__ = ["BatchHandler", "EventHandler", "Handler", "Options", "Subscription"]
+__all__ = ["BatchHandler", "EventHandler", "Handler", "Host", "Options", "Subscription"]
 
 log = logging.getLogger("brama_mq.subscribe")
 
@@ -67,6 +64,25 @@ class BatchHandler(Protocol):
 #: A callable (given an Event, or a list of them when ``batch_size > 1``) or an object
 #: with ``handle_event`` and/or ``handle_batch``.
 Handler = Callable[[Any], object] | EventHandler | BatchHandler
+
+
+class Host(Protocol):
+    """What a subscription needs of the hub that made it (:class:`~brama_mq.subscribe.
+    hub.Hub`): a protocol, so this module does not import the hub, which imports it."""
+
+    @property
+    def transport(self) -> Transport:
+        """The transport of the subscription's queue (``delete()`` removes it there)."""
+        ...
+
+    @property
+    def shared_pump(self) -> Pump | None:
+        """The pump of the process's shared transient queue, if one runs."""
+        ...
+
+    def release(self, sub: Subscription, *, force: bool = False) -> None:
+        """One ``close()`` of ``sub``; the last one (or a forced one) stops it."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +268,7 @@ class Subscription:
     be called once per subscribe() (or use :func:`brama_mq.unsubscribe`).
     """
 
-    def __init__(self, hub: Hub, keys: list[str], options: Options) -> None:
+    def __init__(self, hub: Host, keys: list[str], options: Options) -> None:
         self.id = next(_ids)
         self._hub = hub
         self._options = options
