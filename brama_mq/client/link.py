@@ -126,8 +126,7 @@ class CommandLink:
 
     def shard_keys(self) -> list[str]:
         """The routing key of every owner shard."""
-        shards = self.transport.topology.shards
-        return ["owner"] if shards <= 1 else [f"owner.{k}" for k in range(shards)]
+        return [key for _, key in self.transport.topology.owner_queues()]
 
     # ------------------------------------------------------------------ posting
     def post(self, body: bytes, key: str, ident: str) -> None:
@@ -193,9 +192,7 @@ class CommandLink:
         result = reply.result if isinstance(reply.result, Mapping) else {}
         status = str(result.get("status", "applied" if reply.ok else "invalid"))
         if not reply.ok and status != "already_registered":
-            if status == "not_registered":
-                raise NotRegisteredError(reply.error or "not registered")
-            raise CommandRejectedError(status, reply.error or status)
+            raise _refusal(status, reply.error, status)
         return Applied(status, [Event.model_validate(e) for e in reply.events])
 
     def query(
@@ -213,9 +210,7 @@ class CommandLink:
         reply = self.ask(body, self.route(scope, connection) if key is None else key, timeout)
         if not reply.ok:
             status = reply.result.get("status") if isinstance(reply.result, Mapping) else None
-            if status == "not_registered":
-                raise NotRegisteredError(reply.error or "not registered")
-            raise CommandRejectedError(str(status or "invalid"), reply.error or "query refused")
+            raise _refusal(str(status or "invalid"), reply.error, "query refused")
         return reply.result
 
     def snapshot(
@@ -226,6 +221,14 @@ class CommandLink:
         for key in self.shard_keys():
             out.extend(self.query("snapshot", None, scope, timeout=timeout, key=key)["connections"])
         return out
+
+
+def _refusal(status: str, error: str | None, fallback: str) -> Exception:
+    """The error for an owner's refusal: NotRegisteredError for an unknown connection;
+    ``fallback`` is the message when the owner gave none."""
+    if status == "not_registered":
+        return NotRegisteredError(error or "not registered")
+    return CommandRejectedError(status, error or fallback)
 
 
 _LINKS: weakref.WeakSet[CommandLink] = weakref.WeakSet()

@@ -535,6 +535,15 @@ def _head(op: str, scope: str | None, connection: str | None) -> str:
     return head
 
 
+def _cached_head(op: str, scope: str | None, connection: str | None) -> str:
+    """:func:`_head`, from the cache when this ``(op, scope, connection)`` was seen."""
+    try:
+        head = _HEADS.get((op, scope, connection))
+    except TypeError:  # an unhashable argument: _head refuses it with the right error
+        head = None
+    return _head(op, scope, connection) if head is None else head
+
+
 def _body(head: str, id_text: str, now_ms: int, reason_text: str, options_text: str) -> bytes:
     """A command body from its head (:func:`_head`) and the JSON of the other fields."""
     return (
@@ -583,12 +592,7 @@ def command_body(
     refuses, goes through :func:`make_command`, so errors are the same. A test pins
     that both give the same JSON. ``id`` defaults to :func:`new_command_id`.
     """
-    try:
-        head = _HEADS.get((op, scope, connection))
-    except TypeError:  # an unhashable argument: checked (and refused) below
-        head = None
-    if head is None:
-        head = _head(op, scope, connection)
+    head = _cached_head(op, scope, connection)
     ident = new_command_id() if id is None else id
     if head and type(ident) is str and ident and type(now_ms) is int and now_ms >= 0:
         if reason is None:
@@ -625,12 +629,7 @@ def report_body(
     else ``{"count": count}`` when ``count != 1``, else empty. Same head cache, same
     layout (a test pins the equality); anything unusual goes through
     :func:`command_body`, so errors are the same."""
-    try:
-        head = _HEADS.get((op, scope, connection))
-    except TypeError:
-        head = None
-    if head is None:
-        head = _head(op, scope, connection)
+    head = _cached_head(op, scope, connection)
     if (
         head
         and type(now_ms) is int

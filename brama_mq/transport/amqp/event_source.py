@@ -377,24 +377,16 @@ class AmqpEventSource(ConsumerMixin, AmqpLink):
         """Wait up to ``timeout`` s (or until wake()) for events; return every buffered one."""
         deadline = time.monotonic() + max(0.0, timeout)
         buffer = self._buffer
-        while True:
-            self._ensure()
-            try:
-                if self._cancelled:
-                    raise BrokerUnavailableError("consumer cancelled by the broker")
-                if not buffer:
-                    self._wait(deadline, lambda: bool(buffer) or self._cancelled)
-                if buffer:
-                    self._drain_nowait(lambda: len(buffer) >= self._prefetch)
-                break
-            except BramaError as exc:
-                if not isinstance(exc, BrokerUnavailableError) or self._closed:
-                    raise
-                self._recover(exc)
-            except RECOVERABLE_ERRORS as exc:
-                self._recover(exc)
-            if time.monotonic() >= deadline:
-                break
+
+        def attempt() -> None:
+            if self._cancelled:
+                raise BrokerUnavailableError("consumer cancelled by the broker")
+            if not buffer:
+                self._wait(deadline, lambda: bool(buffer) or self._cancelled)
+            if buffer:
+                self._drain_nowait(lambda: len(buffer) >= self._prefetch)
+
+        self._with_recovery(deadline, attempt)
         epoch = self._epoch
         # Deliveries assembled by _on_deliver_frame are ready; py-amqp's (SSL) are not.
         out = [m if type(m) is Delivery else to_delivery(m, epoch) for m in buffer]

@@ -212,6 +212,28 @@ class AmqpLink:
         """Send heartbeats when due; raises ConnectionForced if the broker went silent."""
         self._conn.heartbeat_tick()
 
+    def _with_recovery(
+        self, deadline: float, attempt: Callable[[], None],
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
+        """Run ``attempt`` (wait for deliveries, drain them) until it returns; after a
+        broker fault reconnect and try again while ``deadline`` (and ``stop()``) allow.
+        The one receive loop of every consuming role: our own errors other than an
+        outage are raised as they are."""
+        while True:
+            self._ensure()
+            try:
+                attempt()
+                return
+            except BramaError as exc:
+                if not isinstance(exc, BrokerUnavailableError) or self._closed:
+                    raise
+                self._recover(exc)
+            except RECOVERABLE_ERRORS as exc:
+                self._recover(exc)
+            if time.monotonic() >= deadline or (stop is not None and stop()):
+                return
+
     def _drain_until(self, deadline: float, done: Callable[[], bool]) -> None:
         """Process incoming frames until ``done()`` or the deadline (socket.timeout-free)."""
         conn = self._conn

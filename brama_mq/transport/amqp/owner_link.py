@@ -287,26 +287,18 @@ class AmqpOwnerLink(ConsumerMixin, AmqpLink):
         else:
             def ready() -> bool:
                 return bool(buffer) or self._cancelled or until()
-        while True:
-            self._ensure()
-            try:
-                if self._cancelled:
-                    raise BrokerUnavailableError("consumer cancelled by the broker")
-                if not buffer:
-                    self._drain_until(deadline, ready)
-                if buffer:
-                    self._drain_nowait(lambda: len(buffer) >= max_messages)
-                if self._cancelled and not buffer:
-                    raise BrokerUnavailableError("consumer cancelled by the broker")
-                break
-            except BramaError as exc:
-                if not isinstance(exc, BrokerUnavailableError) or self._closed:
-                    raise
-                self._recover(exc)
-            except RECOVERABLE_ERRORS as exc:
-                self._recover(exc)
-            if time.monotonic() >= deadline or (until is not None and until()):
-                break
+
+        def attempt() -> None:
+            if self._cancelled:
+                raise BrokerUnavailableError("consumer cancelled by the broker")
+            if not buffer:
+                self._drain_until(deadline, ready)
+            if buffer:
+                self._drain_nowait(lambda: len(buffer) >= max_messages)
+            if self._cancelled and not buffer:
+                raise BrokerUnavailableError("consumer cancelled by the broker")
+
+        self._with_recovery(deadline, attempt, until)
         n = min(max_messages, len(buffer))
         epoch = self._epoch
         out = [to_delivery(buffer.popleft(), epoch) for _ in range(n)]

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from brama_mq.errors import BramaError, BrokerUnavailableError
+from brama_mq.errors import BrokerUnavailableError
 from brama_mq.transport.amqp.link import AmqpLink, ConsumerMixin
 from brama_mq.transport.amqp.messages import as_bytes
 from brama_mq.transport.base import StreamStart
@@ -84,24 +84,15 @@ class AmqpStreamReader(ConsumerMixin, AmqpLink):
         def ready() -> bool:
             return bool(buffer) or self._cancelled
 
-        while True:
-            self._ensure()
-            try:
-                if not buffer:
-                    self._drain_until(deadline, ready)
-                if buffer:
-                    self._drain_nowait(lambda: len(buffer) >= _PREFETCH)
-                if self._cancelled and not buffer:
-                    raise BrokerUnavailableError(f"stream {self._stream} consumer cancelled")
-                break
-            except BramaError as exc:
-                if not isinstance(exc, BrokerUnavailableError) or self._closed:
-                    raise
-                self._recover(exc)
-            except RECOVERABLE_ERRORS as exc:
-                self._recover(exc)
-            if time.monotonic() >= deadline:
-                break
+        def attempt() -> None:
+            if not buffer:
+                self._drain_until(deadline, ready)
+            if buffer:
+                self._drain_nowait(lambda: len(buffer) >= _PREFETCH)
+            if self._cancelled and not buffer:
+                raise BrokerUnavailableError(f"stream {self._stream} consumer cancelled")
+
+        self._with_recovery(deadline, attempt)
         out: list[tuple[int, bytes]] = []
         last_tag = 0
         nxt = self._next
