@@ -647,9 +647,7 @@ class Engine:
         conns = [
             _dump(c) for c in self._conns.values() if scope is _UNSET or c.scope == scope
         ]
-        last_seq = [
-            [k[0], k[1], s] for k, s in self._last_seq.items() if scope is _UNSET or k[0] == scope
-        ]
+        last_seq = self._removed_seq(scope)
         return {
             "v": _SNAPSHOT_VERSION,
             "lineage": self.lineage,
@@ -660,6 +658,16 @@ class Engine:
             "epoch": self.epoch,
         }
 
+    def _removed_seq(self, scope: Any) -> list[list[Any]]:
+        """``[scope, connection, seq]`` of removed connections, sorted by key: timers due
+        at one instant fire in push order, which a restored engine does not share, so the
+        removal order across connections may differ while the registry is the same."""
+        items = [
+            [k[0], k[1], s] for k, s in self._last_seq.items() if scope is _UNSET or k[0] == scope
+        ]
+        items.sort(key=lambda i: (i[0] is not None, i[0] or "", i[1]))
+        return items
+
     def snapshot_header(self) -> dict[str, Any]:
         """:meth:`snapshot` without its connections (see :meth:`dump_connections`)."""
         return {
@@ -667,7 +675,7 @@ class Engine:
             "lineage": self.lineage,
             "defaults": self.defaults.to_options(),
             "connections": [],
-            "removed_seq": [[k[0], k[1], s] for k, s in self._last_seq.items()],
+            "removed_seq": self._removed_seq(_UNSET),
             "next_lease": self._next_lease,
             "epoch": self.epoch,
         }
