@@ -250,8 +250,8 @@ def publish_confirmed(
 
 def command_bodies(op: str, names: Sequence[str], **kw: Any) -> list[bytes]:
     """Wire bodies exactly as the Brama client encodes them."""
-    from brama_mq.owner.service import wall_clock_ms
     from brama_mq.protocol import encode_command, make_command
+    from brama_mq.protocol.clock import wall_clock_ms
 
     now = wall_clock_ms()
     options = kw.pop("options", None)
