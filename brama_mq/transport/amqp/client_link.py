@@ -7,7 +7,6 @@ import itertools
 import logging
 import os
 import select
-import socket
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from brama_mq.transport.amqp.framing import (
 )
 from brama_mq.transport.amqp.link import AmqpLink, backoff
 from brama_mq.transport.amqp.messages import DIRECT_REPLY_TO, as_bytes, publish
+from brama_mq.transport.amqp.waker import Waker
 from brama_mq.transport.base import (
     JSON,
     Outgoing,
@@ -121,14 +121,12 @@ class AmqpClientLink(AmqpLink):
         self._stats = {"sent": 0, "requests": 0, "republished": 0, "returned": 0, "refused": 0}
         self._stop = threading.Event()
         self.pid = os.getpid()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         try:
             with self._lock:
                 super().__init__(transport)
         except BaseException:
-            self._close_wake()
+            self._waker.close()
             raise
         self._io = threading.Thread(target=self._io_loop, name="brama-client-io", daemon=True)
         self._io.start()
@@ -230,13 +228,12 @@ class AmqpClientLink(AmqpLink):
                 idle = self._max_wait if not self._tracker.outstanding() else _IDLE_DRAIN
                 try:
                     readable, _, _ = select.select(
-                        [self._wake_r], [], [], min(self._max_wait, idle)
+                        [self._waker.socket], [], [], min(self._max_wait, idle)
                     )
                 except (OSError, ValueError):
                     readable = []
                 if readable:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
+                    self._waker.clear()
                 with self._lock:
                     if self._closed or self._conn is not conn or self._lost is not None:
                         continue
@@ -302,8 +299,7 @@ class AmqpClientLink(AmqpLink):
         return True
 
     def _wake_io(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+        self._waker.wake()
 
     # -- writing (lock held) -------------------------------------------------------
     def _new_pending(self, body: bytes, routing_key: str, message_id: str | None) -> Pending:
@@ -656,12 +652,7 @@ class AmqpClientLink(AmqpLink):
         with self._lock:
             self._cond.notify_all()
             super().close()
-        self._close_wake()
-
-    def _close_wake(self) -> None:
-        for sock in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                sock.close()
+        self._waker.close()
 
 _CLIENT_LINKS: weakref.WeakSet[AmqpClientLink] = weakref.WeakSet()
 

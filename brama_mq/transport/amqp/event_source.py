@@ -6,8 +6,6 @@ import contextlib
 import functools
 import logging
 import select
-import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +31,7 @@ from brama_mq.transport.amqp.framing import (
 )
 from brama_mq.transport.amqp.link import AmqpLink, ConsumerMixin, recoverable
 from brama_mq.transport.amqp.messages import NOT_COPIED, OWN_FIELDS, as_bytes, to_delivery
+from brama_mq.transport.amqp.waker import Waker
 from brama_mq.transport.base import (
     Delivery,
     decode_tag,
@@ -100,16 +99,11 @@ class AmqpEventSource(ConsumerMixin, AmqpLink):
         self._consumer_tag = ""
         self._stale_acks = 0
         self._counts = {"delivered": 0, "dead_lettered": 0}
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._wake_lock = threading.Lock()
-        self._wake_pending = False
+        self._waker = Waker()
         try:
             super().__init__(transport)
         except BaseException:
-            self._wake_r.close()
-            self._wake_w.close()
+            self._waker.close()
             raise
 
     @property
@@ -251,22 +245,8 @@ class AmqpEventSource(ConsumerMixin, AmqpLink):
         self._retrying("unbind", run)
 
     def wake(self) -> None:
-        """End a get() waiting in another thread (thread-safe; at most one byte in flight)."""
-        with self._wake_lock:
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-
-    def _clear_wake(self) -> None:
-        # Read first, then reset the flag: a wake() in between finds it still set and
-        # sends nothing, which is fine because this get() is returning anyway.
-        with contextlib.suppress(OSError):
-            while self._wake_r.recv(64):
-                pass
-        with self._wake_lock:
-            self._wake_pending = False
+        """End a get() waiting in another thread (thread-safe)."""
+        self._waker.wake()
 
     def _drain_nowait(self, enough: Callable[[], bool]) -> None:
         """Process frames already received, without waiting, until ``enough()``.
@@ -354,7 +334,7 @@ class AmqpEventSource(ConsumerMixin, AmqpLink):
     def _wait(self, deadline: float, done: Callable[[], bool]) -> None:
         """Process frames until ``done()``, the deadline, or a wake()."""
         conn = self._conn
-        wake = self._wake_r
+        wake = self._waker.socket
         while True:
             self._drain_nowait(done)  # frames already received
             if done():
@@ -370,7 +350,7 @@ class AmqpEventSource(ConsumerMixin, AmqpLink):
             except (OSError, ValueError, TypeError) as exc:  # socket closed under us
                 raise BrokerUnavailableError(f"event source socket failed: {exc}") from exc
             if wake in ready:
-                self._clear_wake()
+                self._waker.clear()
                 return
 
     def get(self, timeout: float) -> list[Delivery]:
@@ -458,6 +438,4 @@ class AmqpEventSource(ConsumerMixin, AmqpLink):
     def close(self) -> None:
         """Close the connection (an exclusive queue goes with it) and the wake-up pair."""
         super().close()
-        for sock in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                sock.close()
+        self._waker.close()
