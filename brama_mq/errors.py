@@ -10,6 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 
+def breaker_name(scope: str | None, connection: str) -> str:
+    """How messages, logs and the CLI write a breaker: ``scope/connection``, or the bare
+    connection when it has no scope (one way everywhere; routing keys use dots)."""
+    return connection if scope is None else f"{scope}/{connection}"
+
+
+def plural(count: int, word: str) -> str:
+    """``1 breaker``, ``2 breakers``."""
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 class BramaError(Exception):
     """Base class of every error brama_mq raises on purpose."""
 
@@ -102,7 +113,7 @@ class CircuitOpenError(BramaError):
         self.scope = scope
         self.state = state
         self.retry_after_ms = retry_after_ms
-        where = connection if scope is None else f"{scope}/{connection}"
+        where = breaker_name(scope, connection)
         left = "until closed by hand" if retry_after_ms is None else f"{retry_after_ms} ms left"
         super().__init__(f"circuit {where} is {state} ({left})")
 
@@ -114,6 +125,23 @@ class CircuitOpenError(BramaError):
     def retry_after(self) -> float | None:
         """Seconds until a call may be tried again (None: open until closed by hand)."""
         return None if self.retry_after_ms is None else self.retry_after_ms / 1000.0
+
+
+class NoTopologyError(BramaError, LookupError):
+    """A read-only client found no brama_mq topology under its prefix (a typo, or no
+    worker has ever run with it); it declares nothing, so a typo leaves no queues."""
+
+    def __init__(self, prefix: str, broker: str, missing: str) -> None:
+        self.prefix = prefix
+        self.broker = broker
+        self.missing = missing
+        super().__init__(
+            f"no brama_mq topology for prefix {prefix!r} on {broker} ({missing}): no "
+            "worker has run with this prefix; check --prefix / BRAMA_PREFIX"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.prefix, self.broker, self.missing))
 
 
 class ShardMismatchError(BramaError):

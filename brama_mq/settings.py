@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
+from urllib.parse import unquote, urlsplit
 
 from brama_mq.errors import BramaError
 
@@ -23,16 +24,61 @@ _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 _LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 _TRUE: Final = ("1", "true", "yes", "on")
 _FALSE: Final = ("0", "false", "no", "off")
-_PASSWORD_RE: Final = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)[^/\s]*(?=@)")
+#: URL schemes that reach RabbitMQ (kombu's names for py-amqp), and the embedded one.
+_AMQP_SCHEMES: Final = ("amqp", "amqps", "pyamqp")
 
 
 class SettingsError(BramaError, ValueError):
     """A setting with a bad value; names the setting and where it came from."""
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for logs and errors."""
-    return _PASSWORD_RE.sub(r"\g<head>***", url)
+def mask_url(url: str) -> str:
+    """``url`` with every password replaced by ``**`` (failover lists included): the one
+    way brama_mq writes a broker URL into logs, errors and CLI output."""
+    parts = []
+    for one in url.split(";"):
+        try:
+            split = urlsplit(one)
+            netloc = split.netloc
+        except ValueError:
+            parts.append("<unparsable url>")
+            continue
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            if ":" in userinfo:
+                user = userinfo.split(":", 1)[0]
+                one = one.replace(netloc, f"{user}:**@{host}", 1)
+        parts.append(one)
+    return ";".join(parts)
+
+
+def passwords_in(url: str) -> list[str]:
+    """The passwords in ``url`` (raw and percent-decoded), to scrub from messages."""
+    found: list[str] = []
+    for one in url.split(";"):
+        try:
+            password = urlsplit(one).password
+        except ValueError:
+            continue
+        if password:
+            found.extend({password, unquote(password)})
+    return found
+
+
+def check_broker_url(url: str) -> None:
+    """Refuse a URL brama_mq cannot speak to, naming it, before anything connects (a
+    ``redis://`` URL would otherwise end deep in kombu with an AttributeError)."""
+    if url.strip().lower().startswith(MEMORY_URL):
+        return
+    for one in url.split(";"):
+        scheme = one.strip().split("://", 1)[0].lower() if "://" in one else ""
+        if scheme not in _AMQP_SCHEMES:
+            shown = mask_url(one.strip()) or "an empty URL"
+            raise SettingsError(
+                f"broker URL {shown!r} is not an AMQP URL: brama_mq talks AMQP 0-9-1 to "
+                "RabbitMQ (amqp://user:password@host:5672/vhost or amqps://..., failover "
+                f"URLs separated by ';'), or runs embedded with {MEMORY_URL}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +105,7 @@ class Settings:
     heartbeat: float = 10.0
 
     def __post_init__(self) -> None:
+        check_broker_url(self.broker_url)
         if not _PREFIX_RE.match(self.prefix):
             raise SettingsError(
                 f"prefix {self.prefix!r} must be 1-64 letters, digits, '_' or '-' "
@@ -133,12 +180,12 @@ class Settings:
     def __repr__(self) -> str:
         # Written by hand so the password never reaches a log line or a traceback.
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        values["broker_url"] = redact_url(self.broker_url)
+        values["broker_url"] = mask_url(self.broker_url)
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in values.items()) + ")"
 
     @property
     def safe_broker_url(self) -> str:
-        return redact_url(self.broker_url)
+        return mask_url(self.broker_url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

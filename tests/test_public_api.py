@@ -25,6 +25,7 @@ EXPECTED = {
     "Event",
     "FilterError",
     "InvalidNameError",
+    "NoTopologyError",
     "NotRegisteredError",
     "OutboxFullError",
     "Policy",

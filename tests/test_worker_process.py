@@ -214,7 +214,7 @@ def test_password_never_logged_when_the_broker_is_away(raw_at: bool) -> None:
     assert done.returncode == 1, output
     _assert_no_secret(output, password)
     assert token not in output, output
-    assert "amqp://brama:***@127.0.0.1" in output, output
+    assert "amqp://brama:**@127.0.0.1" in output, output
     assert output.strip().splitlines()[-1].startswith("brama-mq: "), output
 
 
@@ -313,7 +313,7 @@ def test_password_never_logged_on_a_real_broker(
         output = w.output()
         _assert_no_secret(output, password)
         assert token not in output, output
-        assert f"amqp://{user}:***@127.0.0.1:{private_node.port}//" in output, output
+        assert f"amqp://{user}:**@127.0.0.1:{private_node.port}//" in output, output
         assert "lost its connection" in output
 
         wrong = url.replace(quote(password, safe=""), quote(password + "-nope", safe=""))

@@ -30,6 +30,7 @@ from typing import Any
 
 import brama_mq
 from brama_mq import OPEN, Event, Subscription
+from brama_mq.errors import breaker_name
 
 log = logging.getLogger("brama_mq.monitor")
 
@@ -59,7 +60,7 @@ class ConnectionMonitor:
             self.alert(event)
 
     def alert(self, event: Event) -> None:
-        where = event.connection if event.scope is None else f"{event.scope}/{event.connection}"
+        where = breaker_name(event.scope, event.connection)
         reason = f": {event.reason}" if event.reason else ""
         until = event.data.get("open_until")
         text = f"circuit opened for {where}{reason}"

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -25,12 +25,15 @@ from brama_mq.errors import (
     BramaError,
     CommandRejectedError,
     InvalidNameError,
+    NoTopologyError,
     NotRegisteredError,
     PolicyError,
     RequestTimeoutError,
     TransportError,
+    plural,
 )
 from brama_mq.settings import Settings, SettingsError
+from brama_mq.transport import Topology, Transport, open_transport
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -69,15 +72,26 @@ def connection_options(func: F) -> F:
 
 
 @contextmanager
-def _client(broker_url: str | None, prefix: str | None, timeout: float) -> Iterator[Brama]:
-    """A client, with every brama_mq error turned into a one-line message and exit code."""
+def _client(
+    broker_url: str | None, prefix: str | None, timeout: float, *, read_only: bool = False
+) -> Iterator[Brama]:
+    """A client, with every brama_mq error turned into a one-line message and exit code.
+
+    ``read_only`` (status): declare nothing; a prefix without a topology is reported
+    (exit 4) instead of created, so a typo leaves no queues behind.
+    """
     try:
         settings = Settings.from_env(broker_url=broker_url, prefix=prefix)
     except SettingsError as exc:
         _die(str(exc), EXIT_USAGE)
+    transport = read_only_transport(settings) if read_only else None
     try:
-        client = Brama(settings=settings, request_timeout=timeout)
+        client = Brama(settings=settings, transport=transport, request_timeout=timeout)
+    except NoTopologyError as exc:
+        _close(transport)
+        _die(str(exc), EXIT_NO_OWNER)
     except BramaError as exc:
+        _close(transport)
         _die(f"{exc} (is the broker up? check --broker / BRAMA_BROKER_URL)", EXIT_FAILED)
     try:
         yield client
@@ -99,10 +113,29 @@ def _client(broker_url: str | None, prefix: str | None, timeout: float) -> Itera
             "BRAMA_BROKER_URL)",
             EXIT_FAILED,
         )
+    except NoTopologyError as exc:
+        _die(str(exc), EXIT_NO_OWNER)
     except BramaError as exc:  # e.g. ShardMismatchError: the message says what to set
         _die(str(exc), EXIT_FAILED)
     finally:
         client.disconnect()
+        _close(transport)
+
+
+def read_only_transport(settings: Settings) -> Transport:
+    """A transport that declares nothing when the topology is missing (status, watch)."""
+    return open_transport(
+        settings.broker_url,
+        Topology(settings.prefix, settings.shards),
+        bootstrap=False,
+        **settings.transport_options(),
+    )
+
+
+def _close(transport: Transport | None) -> None:
+    if transport is not None:
+        with suppress(BramaError):
+            transport.close()
 
 
 def _print_applied(applied: Applied | None, as_json: bool, what: str) -> None:
@@ -136,6 +169,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 _OPTION_HELP = "Policy option as key=value (repeatable): " + ", ".join(OPTION_NAMES)
+_SCOPE_HELP = "The connection's scope (omit for a connection registered without one)."
 
 
 @click.command()
@@ -162,7 +196,7 @@ def status(
       brama-mq status --state open --state half_open
       brama-mq status --json | jq -r '.[] | select(.state=="open") | .connection'
     """
-    with _client(broker_url, prefix, timeout) as client:
+    with _client(broker_url, prefix, timeout, read_only=True) as client:
         rows = client.snapshot(scope)
     if states:
         rows = [row for row in rows if row["state"] in states]
@@ -173,7 +207,7 @@ def status(
         where = f" in scope {scope!r}" if scope is not None else ""
         click.echo(f"no breakers{where} (register one: brama-mq register NAME)")
         return
-    table = Table(title=f"{len(rows)} breakers")
+    table = Table(title=plural(len(rows), "breaker"))
     for column in ("scope", "connection", "state", "failures", "time left open", "policy"):
         table.add_column(column)
     now = time.time() * 1000
@@ -196,7 +230,7 @@ def status(
 
 @click.command()
 @click.argument("connection")
-@click.option("--scope", default=None)
+@click.option("--scope", default=None, help=_SCOPE_HELP)
 @click.option("--option", "-o", "options", multiple=True, help=_OPTION_HELP)
 @connection_options
 def register(
@@ -223,7 +257,7 @@ def register(
 
 @click.command()
 @click.argument("connection", required=False)
-@click.option("--scope", default=None)
+@click.option("--scope", default=None, help=_SCOPE_HELP)
 @click.option("--option", "-o", "options", multiple=True, required=True, help=_OPTION_HELP)
 @connection_options
 def configure(
@@ -252,7 +286,7 @@ def configure(
 def _simple(op: str, doc: str) -> click.Command:
     @click.command(name=op, help=doc)
     @click.argument("connection")
-    @click.option("--scope", default=None)
+    @click.option("--scope", default=None, help=_SCOPE_HELP)
     @click.option("--reason", default=None, help="Why (shows in the events).")
     @connection_options
     def command(
@@ -288,7 +322,7 @@ reset = _simple(
 
 @click.command(name="open")
 @click.argument("connection")
-@click.option("--scope", default=None)
+@click.option("--scope", default=None, help=_SCOPE_HELP)
 @click.option("--reason", default=None, help="Why (shows in the events).")
 @click.option("--expiry-ms", type=int, default=None, help="Open for this long (default: policy).")
 @click.option("--until-closed", is_flag=True, help="Stay open until closed by hand.")

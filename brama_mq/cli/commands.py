@@ -7,6 +7,7 @@ Exit codes scripts can rely on: 0 ok, 1 the operation failed (broker away, refus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -110,7 +111,7 @@ def demo(
     "--broker",
     "broker_url",
     default=None,
-    help="Broker URL [env BRAMA_BROKER_URL; default amqp://guest:***@127.0.0.1:5672//].",
+    help="Broker URL [env BRAMA_BROKER_URL; default amqp://guest:**@127.0.0.1:5672//].",
 )
 @click.option("--prefix", default=None, help="Name prefix [env BRAMA_PREFIX; default brama].")
 @click.option("--shard", type=int, default=None, help="Serve this shard (with BRAMA_SHARDS > 1).")
@@ -128,12 +129,12 @@ def demo(
 )
 @tls_options
 @click.option(
-    "--reconnect-timeout", type=str, default=None,
+    "--reconnect-timeout", type=str, default=None, metavar="SECONDS",
     help="Seconds one reconnect round lasts before the outage is logged and a new round "
     "starts; the worker never gives up [env BRAMA_RECONNECT_TIMEOUT; default 60].",
 )
 @click.option(
-    "--snapshot-interval", type=str, default=None,
+    "--snapshot-interval", type=str, default=None, metavar="SECONDS",
     help="Seconds between registry snapshots [env BRAMA_SNAPSHOT_INTERVAL; default 10].",
 )
 @click.option(
@@ -340,10 +341,13 @@ def watch(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)
+    from brama_mq.cli.admin import EXIT_NO_OWNER, read_only_transport
+    from brama_mq.errors import NoTopologyError
+
+    transport = read_only_transport(settings)  # a mistyped prefix declares nothing
     try:
         run_watch(
-            broker_url=settings.broker_url,
-            prefix=settings.prefix,
+            transport=transport,
             scope=scope,
             connection=connection,
             events=names,
@@ -359,8 +363,13 @@ def watch(
         )
     except FilterError as exc:
         _fail(str(exc), EXIT_USAGE)
+    except NoTopologyError as exc:
+        _fail(str(exc), EXIT_NO_OWNER)
     except BramaError as exc:
         _fail(f"{exc} (broker {settings.safe_broker_url})")
+    finally:
+        with contextlib.suppress(BramaError):
+            transport.close()
 
 
 @main.command()

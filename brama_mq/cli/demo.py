@@ -7,6 +7,7 @@ embedded transport by default (no broker) and on RabbitMQ with ``--broker amqp:/
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -15,18 +16,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from brama_mq.client.brama import Brama
 from brama_mq.core.events import CLOSED, HALF_OPEN, OPEN
+from brama_mq.errors import BramaError, breaker_name
 from brama_mq.owner.service import run_owner
 from brama_mq.protocol import Event, decode_event
 from brama_mq.settings import MEMORY_URL
 from brama_mq.transport import Topology, Transport, open_transport
 
 _STATE_STYLE = {CLOSED: "green", OPEN: "bold red", HALF_OPEN: "yellow"}
+#: Event lines the live view keeps under the table.
+_LIVE_LINES = 8
 
 
 @dataclass
@@ -68,11 +73,22 @@ def run_demo(
     report = DemoReport()
     try:
         _run(transport, report, seconds, random.Random(seed), console, live)
-    finally:
+    except BaseException:
+        # The run's own error (the broker is down, the password is wrong) is the one to
+        # show: a clean-up that fails for the same reason must not replace it.
+        with contextlib.suppress(BramaError):
+            _clean_up(transport, broker_url)
+        raise
+    _clean_up(transport, broker_url)
+    return report
+
+
+def _clean_up(transport: Transport, broker_url: str) -> None:
+    try:
         if not broker_url.startswith(MEMORY_URL):
             transport.delete_topology()
+    finally:
         transport.close()
-    return report
 
 
 def _run(
@@ -114,12 +130,19 @@ def _run(
     deadline = time.monotonic() + seconds
     try:
         if live:
-            with Live(_table(report), console=console, refresh_per_second=8) as view:
+            # The table on top, the last events below it; the final frame stays on screen,
+            # so nothing is printed again afterwards.
+            with Live(_view(report, lines), console=console, refresh_per_second=8) as view:
                 while time.monotonic() < deadline:
                     _tick(client, services, report, lock)
                     with lock:
-                        view.update(_table(report, lines[-8:]))
+                        del lines[:-_LIVE_LINES]
+                        view.update(_view(report, lines))
                     time.sleep(0.1)
+                time.sleep(0.3)  # let the last events arrive
+                with lock:
+                    view.update(_view(report, lines[-_LIVE_LINES:]))
+                    lines.clear()
         else:
             while time.monotonic() < deadline:
                 _tick(client, services, report, lock)
@@ -128,7 +151,7 @@ def _run(
                         console.print(line, highlight=False, soft_wrap=True)
                     lines.clear()
                 time.sleep(0.1)
-        time.sleep(0.3)  # let the last events arrive
+            time.sleep(0.3)  # let the last events arrive
     finally:
         stop.set()
         listener.join(5)
@@ -192,10 +215,16 @@ def _line(event: Event) -> str:
     elif event.event == "failure":
         extra = f" count={data.get('failure_count')} reason={data.get('reason')}"
     style = _STATE_STYLE.get(str(data.get("state")), "white")
-    return f"[{style}]{event.event:<24}[/] {event.scope}.{event.connection} #{event.seq}{extra}"
+    name = breaker_name(event.scope, event.connection)
+    return f"[{style}]{event.event:<24}[/] {name} #{event.seq}{extra}"
 
 
-def _table(report: DemoReport, lines: list[str] | None = None) -> Table:
+def _view(report: DemoReport, lines: list[str]) -> Group:
+    """The live frame: the states table, then the latest event lines under it."""
+    return Group(_table(report), *(Text.from_markup(line) for line in lines[-_LIVE_LINES:]))
+
+
+def _table(report: DemoReport) -> Table:
     table = Table(title="brama_mq demo: circuit states (events below)", expand=False)
     table.add_column("connection")
     table.add_column("state")
@@ -208,6 +237,4 @@ def _table(report: DemoReport, lines: list[str] | None = None) -> Table:
             f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
             f"{calls[name + ':ok']} / {calls[name + ':failed']} / {calls[name + ':refused']}",
         )
-    for line in lines or []:
-        table.add_row("", "", line)
     return table

@@ -22,7 +22,7 @@ from rich.text import Text
 from brama_mq.core.events import CLOSED, EVENT_TYPES, HALF_OPEN, OPEN
 from brama_mq.core.matcher import topic_matches
 from brama_mq.core.routing import routing_key
-from brama_mq.errors import BramaError
+from brama_mq.errors import BramaError, RequestTimeoutError, breaker_name
 from brama_mq.protocol import Event
 
 __all__ = ["WatchView", "run_watch"]
@@ -116,9 +116,9 @@ def _detail(event: Event) -> str:
 
 
 def _line(event: Event) -> str:
-    where = event.connection if event.scope is None else f"{event.scope}/{event.connection}"
     detail = _detail(event)
-    return f"{event.event:<24} {where} seq={event.seq}" + (f"  {detail}" if detail else "")
+    name = breaker_name(event.scope, event.connection)
+    return f"{event.event:<24} {name} seq={event.seq}" + (f"  {detail}" if detail else "")
 
 
 def run_watch(
@@ -182,10 +182,17 @@ def run_watch(
             client = Brama(transport=sub._hub.transport, request_timeout=2.0)
             try:
                 view.seed(client.snapshot())
+            except RequestTimeoutError:
+                view.note_line = (
+                    "no owner answered (is `brama-mq worker` running on this prefix?); "
+                    "states fill in as events arrive"
+                )
             except BramaError as exc:
                 view.note_line = f"no snapshot ({exc}); states fill in as events arrive"
             finally:
                 client.link.close()
+            if view.note_line and not live:
+                console.print(view.note_line, style="dim", highlight=False, soft_wrap=True)
             if not live:
                 for row in view.rows.values():
                     console.print(f"{'state':<24} {row.connection} {row.state}",

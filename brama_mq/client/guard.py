@@ -47,7 +47,7 @@ from brama_mq.client.local_view import (
 )
 from brama_mq.client.outbox import DEFAULT_OUTBOX_SIZE, RELEASE, Outbox
 from brama_mq.core.events import CLOSED, HALF_OPEN, OPEN
-from brama_mq.errors import BramaError, CircuitOpenError, NotRegisteredError
+from brama_mq.errors import BramaError, CircuitOpenError, NotRegisteredError, breaker_name
 from brama_mq.protocol.clock import wall_clock_ms
 
 __all__ = [
@@ -403,7 +403,7 @@ class Guard:
         self.key = view_key(scope, connection)  # also validates the names
         self.record = exception_types(record, "record")
         self.ignore = exception_types(ignore, "ignore")
-        self.where = connection if scope is None else f"{scope}/{connection}"
+        self.where = breaker_name(scope, connection)
 
     def __repr__(self) -> str:
         return f"Guard({self.where!r})"

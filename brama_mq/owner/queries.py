@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from brama_mq.core.engine import Engine
+from brama_mq.errors import breaker_name
 from brama_mq.protocol import Command, Reply
 
 
@@ -23,7 +24,7 @@ def answer_query(engine: Engine, command: Command, now: int) -> Reply:
     if connection is None:
         return Reply(ok=False, error=f"{op} needs a connection")
     if (scope, connection) not in engine:
-        where = connection if scope is None else f"{scope}/{connection}"
+        where = breaker_name(scope, connection)
         return Reply(
             ok=False, error=f"{where} is not registered", result={"status": "not_registered"}
         )
@@ -44,7 +45,7 @@ def _one(engine: Engine, scope: str | None, connection: str, now: int) -> Reply:
     try:
         return Reply(ok=True, result=engine.status(scope, connection, now))
     except KeyError:
-        where = connection if scope is None else f"{scope}/{connection}"
+        where = breaker_name(scope, connection)
         return Reply(
             ok=False, error=f"{where} is not registered", result={"status": "not_registered"}
         )

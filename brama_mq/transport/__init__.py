@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from brama_mq.settings import MEMORY_URL, check_broker_url
 from brama_mq.transport.base import (
     JSON,
     ClientLink,
@@ -41,8 +42,6 @@ __all__ = [
     "open_transport",
 ]
 
-MEMORY_URL = "memory://"
-
 
 def open_transport(url: str | None, topology: Topology | None = None, **options: Any) -> Transport:
     """A transport for ``url``: ``None`` or ``memory://`` is in-process, else RabbitMQ.
@@ -51,6 +50,7 @@ def open_transport(url: str | None, topology: Topology | None = None, **options:
     """
     if url is None or url.startswith(MEMORY_URL):
         return MemoryTransport(topology)
+    check_broker_url(url)
     from brama_mq.transport.amqp import AmqpTransport
 
     return AmqpTransport(url, topology, **options)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-from urllib.parse import unquote, urlsplit
 
 import amqp.exceptions as amqp_exc
 
@@ -20,6 +19,7 @@ from brama_mq.errors import (
     ConfirmError,
     TransportError,
 )
+from brama_mq.settings import mask_url, passwords_in
 
 __all__ = [
     "FATAL_ERRORS",
@@ -57,38 +57,6 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (
 def is_fatal(exc: BaseException) -> bool:
     """Whether retrying after ``exc`` is pointless."""
     return isinstance(exc, FATAL_ERRORS)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with every password replaced by ``**`` (failover lists included)."""
-    parts = []
-    for one in url.split(";"):
-        try:
-            split = urlsplit(one)
-            netloc = split.netloc
-        except ValueError:
-            parts.append("<unparsable url>")
-            continue
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                user = userinfo.split(":", 1)[0]
-                one = one.replace(netloc, f"{user}:**@{host}", 1)
-        parts.append(one)
-    return ";".join(parts)
-
-
-def passwords_in(url: str) -> list[str]:
-    """The passwords in ``url`` (raw and percent-decoded), to scrub from messages."""
-    found: list[str] = []
-    for one in url.split(";"):
-        try:
-            password = urlsplit(one).password
-        except ValueError:
-            continue
-        if password:
-            found.extend({password, unquote(password)})
-    return found
 
 
 def _scrub(text: str, secrets: list[str]) -> str:

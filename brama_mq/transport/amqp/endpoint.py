@@ -12,8 +12,10 @@ from amqp.exceptions import PreconditionFailed
 from kombu.connection import Connection as _KombuConnection
 
 from brama_mq.errors import (
+    NoTopologyError,
     ShardMismatchError,
 )
+from brama_mq.settings import check_broker_url
 from brama_mq.transport.errors import (
     describe,
     mask_url,
@@ -48,7 +50,9 @@ class AmqpEndpoint:
         max_backoff: float = 5.0,
         confirm_timeout: float = 30.0,
         write_timeout: float | None = 30.0,
+        bootstrap: bool = True,
     ) -> None:
+        check_broker_url(url)
         self.url = url
         self.masked_url = mask_url(url)
         self.topology = topology or Topology()
@@ -59,6 +63,9 @@ class AmqpEndpoint:
         self.max_backoff = max_backoff
         self.confirm_timeout = confirm_timeout
         self.write_timeout = write_timeout
+        #: False for read-only clients (status, watch): a missing topology is reported
+        #: as NoTopologyError instead of declared, so a mistyped prefix leaves nothing.
+        self.bootstrap = bootstrap
         self._links: list[Any] = []
         self._lock = threading.Lock()
         self._declared: set[tuple[str, str]] = set()
@@ -135,7 +142,11 @@ class AmqpEndpoint:
                 ch.exchange_declare(name, kind, passive=True)
             for queue in queues:
                 ch.queue_declare(queue, passive=True)
-        except amqp_exc.NotFound:
+        except amqp_exc.NotFound as exc:
+            if not self.bootstrap:
+                raise NoTopologyError(
+                    self.topology.prefix, self.masked_url, str(exc.reply_text or exc)
+                ) from exc
             ch = conn.channel()  # the failed check closed the other one
             if owner_side:
                 self.declare_on(ch)
