@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from brama_mq.protocol import Event
     from brama_mq.settings import Settings
     from brama_mq.subscribe import Subscription, subscribe, subscribe_async, unsubscribe
+    from brama_mq.subscribe.kombu_queue import kombu_queue
 
 __version__ = "0.1.0"
 
@@ -100,6 +101,7 @@ _EXPORTS: dict[str, str] = {
     "subscribe": "brama_mq.subscribe",
     "subscribe_async": "brama_mq.subscribe",
     "unsubscribe": "brama_mq.subscribe",
+    "kombu_queue": "brama_mq.subscribe.kombu_queue",
 }
 
 __all__ = [
@@ -139,6 +141,7 @@ __all__ = [
     "failure",
     "guard",
     "guarded",
+    "kombu_queue",
     "open_circuit",
     "register",
     "reset_circuit",

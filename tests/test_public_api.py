@@ -43,6 +43,7 @@ EXPECTED = {
     "failure",
     "guard",
     "guarded",
+    "kombu_queue",
     "open_circuit",
     "register",
     "reset_circuit",
