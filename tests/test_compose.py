@@ -138,10 +138,40 @@ def test_prometheus_scrapes_every_metrics_endpoint_and_the_dashboard_asks_for_ou
     exported = {"brama_circuit_state", "brama_failure_count", "brama_events_total",
                 "brama_commands_total", "brama_dead_letters_total",
                 "brama_confirm_latency_seconds_bucket", "brama_owner_active",
-                "brama_guard_checks_total"}
+                "brama_guard_checks_total", "brama_circuitbreaker_calls_total",
+                "brama_circuitbreaker_failure_rate", "brama_circuitbreaker_slow_call_rate",
+                "brama_circuitbreaker_calls_seconds_bucket"}
     asked = {m for p in dashboard["panels"] for t in p["targets"]
              for m in re.findall(r"brama_[a-z_]+", t["expr"])}
     assert asked == exported, asked ^ exported
+    # RabbitMQ's own panels, and the scope / connection variables every breaker panel
+    # filters by.
+    assert any("rabbitmq_" in t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert variables == {"scope", "connection"}
+    for p in dashboard["panels"]:
+        for t in p["targets"]:
+            for series in re.findall(r"(brama_[a-z_]+)(\{[^}]*\})?", t["expr"]):
+                if series[0] in ("brama_circuit_state", "brama_failure_count",
+                                 "brama_guard_checks_total", "brama_circuitbreaker_calls_total"):
+                    assert '$scope' in series[1] and '$connection' in series[1], t["expr"]
+
+
+def test_every_long_running_brama_service_has_a_healthcheck() -> None:
+    """Owners, the Celery worker and the monitor each have a healthcheck that runs a
+    Python one-liner (run for real in test_the_stack_runs_as_local_processes); the image
+    context has a .dockerignore that keeps tests, docs and caches out."""
+    compose = load_compose()
+    for name, svc in built_services(compose).items():
+        if svc.get("restart") == "on-failure":  # one-shot setup: exits when done
+            continue
+        check = svc.get("healthcheck")
+        assert check and check["test"][:3] == ["CMD", "python", "-c"], name
+        compile(check["test"][3], f"{name} healthcheck", "exec")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", "tests", "docs", "**/__pycache__"} <= set(ignored)
+    for needed in ("pyproject.toml", "README.md", "brama_mq", "workers"):
+        assert needed not in ignored
 
 
 class Service(LoggedProcess):
@@ -200,6 +230,8 @@ def test_the_stack_runs_as_local_processes(
         extra = dict(common)
         if "--metrics-port" in argv:  # one host: every endpoint needs a port of its own
             argv[argv.index("--metrics-port") + 1] = str(ports[name])
+        if "--health-file" in argv:
+            argv[argv.index("--health-file") + 1] = str(tmp_path / f"{name}.alive")
         if "BRAMA_METRICS_PORT" in (svc.get("environment") or {}):
             extra["BRAMA_METRICS_PORT"] = str(ports[name])
             extra["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / f"prom-{name}")
@@ -241,8 +273,20 @@ def test_the_stack_runs_as_local_processes(
         assert (value(active, "brama_commands_total", op="failure", result="applied")
                 or 0) >= 3
         guard = scrape(ports["celery"])
-        assert (value(guard, "brama_guard_checks_total", connection="payment_api",
-                      result="closed") or 0) >= 3
+        assert (value(guard, "brama_guard_checks_total", scope="payments",
+                      connection="payment_api", result="closed") or 0) >= 3
+        # Each service's own healthcheck, pointed at this host's port and file.
+        for name, service in running.items():
+            check = services[name].get("healthcheck")
+            if check is None or not service.alive():
+                continue
+            code = check["test"][3]
+            for port in ("9464", "9466"):
+                code = code.replace(f":{port}/", f":{ports[name]}/")
+            code = code.replace("/tmp/monitor.alive", str(tmp_path / f"{name}.alive"))
+            done = subprocess.run([sys.executable, "-c", code], timeout=30,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, (name, code, done.stderr)
     finally:
         for service in reversed(list(running.values())):
             service.close()

@@ -75,6 +75,10 @@ def test_worker_serves_metrics_and_only_the_active_owner_says_so(
         assert value(m, "brama_commands_total", op="register", result="applied") == 2.0
         assert value(m, "brama_commands_total", op="invalid", result="decode") == 1.0
         assert (value(m, "brama_confirm_latency_seconds_count") or 0) >= 1
+        assert value(m, "brama_circuitbreaker_calls_total", scope="payments",
+                     connection="payment_api", kind="failed") == 2.0
+        assert value(m, "brama_circuitbreaker_calls_total", scope="", connection="ledger_db",
+                     kind="failed") == 1.0
         assert value(standby[0], "brama_events_total", event="failure") is None
 
         # The active one stops: the standby takes over and, on its first delivery
@@ -166,6 +170,7 @@ def test_opentelemetry_meter_records_the_same(memory_transport: MemoryTransport)
     assert get("brama_dead_letters", reason="decode") == 1
     assert get("brama_confirm_latency") >= 1
     assert get("brama_owner_active") == 1
+    assert get("brama_circuitbreaker_calls", scope="pay", connection="api", kind="failed") == 1
 
 
 @pytest.mark.broker
@@ -173,7 +178,8 @@ def test_prefork_celery_worker_serves_guard_checks_of_all_children(
     broker_url: str, prefix: str, tmp_path: Path, broker_registry: brokers.Registry
 ) -> None:
     """A real prefork worker (2 children) with BRAMA_METRICS_PORT: its main process serves
-    brama_guard_checks_total{connection,result} summed over the children (multiprocess
+    brama_guard_checks_total{scope,connection,result}, not-permitted calls and call
+    durations summed over the children (multiprocess
     mode): every closed check and every refusal while open is counted once."""
     from celery import Celery
 
@@ -212,8 +218,11 @@ def test_prefork_celery_worker_serves_guard_checks_of_all_children(
             time.sleep(0.1)
         samples = wait_for(
             lambda: scrape(port),
-            lambda s: value(s, "brama_guard_checks_total", connection=CONNECTION,
+            lambda s: value(s, "brama_guard_checks_total", scope=SCOPE, connection=CONNECTION,
                             result="closed") == n, 10, "the closed checks")
+        # every body ran and was timed, in whichever child ran it
+        assert value(samples, "brama_circuitbreaker_calls_seconds_count", scope=SCOPE,
+                     connection=CONNECTION, kind="successful") == n
         pids = {c["pid"] for c in service.calls()}
         assert worker.proc.pid not in pids  # the bodies ran in the children
 
@@ -224,10 +233,12 @@ def test_prefork_celery_worker_serves_guard_checks_of_all_children(
         worker.wait_for_log("brama guard: deferred", timeout=15, count=3)
         samples = wait_for(
             lambda: scrape(port),
-            lambda s: value(s, "brama_guard_checks_total", connection=CONNECTION,
+            lambda s: value(s, "brama_guard_checks_total", scope=SCOPE, connection=CONNECTION,
                             result="open") == 3, 10, "the refused checks")
-        assert value(samples, "brama_guard_checks_total", connection=CONNECTION,
+        assert value(samples, "brama_guard_checks_total", scope=SCOPE, connection=CONNECTION,
                      result="closed") == n
+        assert value(samples, "brama_circuitbreaker_calls_total", scope=SCOPE,
+                     connection=CONNECTION, kind="not_permitted") == 3
         assert len(list((tmp_path / "prom").glob("counter_*.db"))) >= 1
         print(f"task bodies ran in {len(pids)} child process(es)")
     finally:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +85,14 @@ class ConnectionMonitor:
             response.read()
 
 
+def _beat(sub: Subscription, path: str, every: float = 5.0) -> None:
+    """Keep ``path`` fresh while the subscription is open: its age is the healthcheck."""
+    while not sub.closed:
+        with open(path, "a"):
+            os.utime(path)
+        time.sleep(every)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scope", action="append", help="only this scope (repeatable)")
     parser.add_argument("--connection", action="append", help="only this connection")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--health-file", default=None,
+                        help="touch this file every 5 s while subscribed (a healthcheck "
+                        "reads its age)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -111,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("monitor watching %s for circuits that open", sub.bindings)
+    if args.health_file:
+        threading.Thread(target=_beat, args=(sub, args.health_file), name="monitor-health",
+                         daemon=True).start()
     sub.run()
     log.info("monitor stopped after %d alert(s)", monitor.alerts)
     return 0

@@ -13,9 +13,14 @@ from typing import Any
 
 from brama_mq.core.events import CLOSED, HALF_OPEN, OPEN
 
-__all__ = ["ACTIVE_WINDOW_S", "STATES", "CircuitBook"]
+__all__ = ["ACTIVE_WINDOW_S", "CALL_KINDS", "RATES", "STATES", "CircuitBook"]
 
 STATES = (CLOSED, OPEN, HALF_OPEN)
+#: ``kind`` label values of the per-breaker call counter, as Resilience4j names them
+#: (``not_permitted`` is counted where calls are refused: the guards, see metrics.guard).
+CALL_KINDS = ("successful", "failed", "slow")
+#: Rates an event or a status row may carry, in percent over the breaker's window.
+RATES = ("failure_rate", "slow_call_rate")
 #: An owner without a journal (which cannot tell whether it is active: see
 #: ``CircuitBook.active``) counts as active while it received a delivery this recently. Under
 #: single-active-consumer only the active owner gets deliveries; the owner probe
@@ -30,6 +35,11 @@ class CircuitBook:
 
     def __init__(self, active_window: float = ACTIVE_WINDOW_S) -> None:
         self.circuits: dict[tuple[str, str], tuple[str, int]] = {}
+        #: (scope, connection, kind) -> outcomes reported to the owner.
+        self.calls: dict[tuple[str, str, str], int] = {}
+        #: (scope, connection) -> {"failure_rate": %, "slow_call_rate": %}, as last seen
+        #: (only breakers whose strategy keeps a window report rates).
+        self.rates: dict[tuple[str, str], dict[str, float]] = {}
         self.events: dict[str, int] = {}
         self.commands: dict[tuple[str, str], int] = {}
         self.dead_letters: dict[str, int] = {}
@@ -53,6 +63,7 @@ class CircuitBook:
         for row in rows:
             key = (self.scope_label(row.get("scope")), str(row["connection"]))
             self.circuits[key] = (str(row["state"]), int(row.get("failure_count") or 0))
+            self._note_rates(key, row)
 
     def apply(self, event: Any) -> None:
         """Count one event and follow it (its ``data`` has the state and failure count)."""
@@ -63,11 +74,38 @@ class CircuitBook:
         key = ("" if scope is None else scope, event.connection)
         if name == "connection_removed":
             self.circuits.pop(key, None)
+            self.rates.pop(key, None)
+            for each in CALL_KINDS:
+                self.calls.pop((*key, each), None)
             return
         data = event.data
+        if name == "success" or name == "failure":
+            calls = self.calls
+            n = (data.get("count") or 1) if name == "success" else 1
+            outcome = (*key, "successful" if name == "success" else "failed")
+            calls[outcome] = calls.get(outcome, 0) + n
+            if data.get("slow"):
+                slow = (*key, "slow")
+                calls[slow] = calls.get(slow, 0) + n
+            self._note_rates(key, data)
         state = data.get("state") or data.get("new_state")
         if state is not None:
             self.circuits[key] = (state, data.get("failure_count") or 0)
+
+    def _note_rates(self, key: tuple[str, str], values: Mapping[str, Any]) -> None:
+        found = {name: float(values[name]) for name in RATES
+                 if isinstance(values.get(name), (int, float))}
+        if found:
+            self.rates[key] = found
+
+    def call_counts(self) -> list[tuple[str, str, str, int]]:
+        """``(scope, connection, kind, n)`` for every breaker and outcome seen."""
+        return [(s, c, k, n) for (s, c, k), n in sorted(list(self.calls.items()))]
+
+    def rate_rows(self) -> list[tuple[str, str, str, float]]:
+        """``(scope, connection, rate name, percent)`` for breakers that keep a window."""
+        items = sorted(list(self.rates.items()))
+        return [(s, c, name, v) for (s, c), rates in items for name, v in sorted(rates.items())]
 
     def count_commands(self, ops: Mapping[tuple[str, str], int]) -> None:
         commands = self.commands

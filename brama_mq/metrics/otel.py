@@ -5,8 +5,10 @@ The same figures as :mod:`brama_mq.metrics.prometheus`, named the same without t
 counters ``brama_events{event}``, ``brama_commands{op,result}``,
 ``brama_dead_letters{reason}``; histogram ``brama_confirm_latency`` (unit ``s``);
 observable gauges ``brama_circuit_state{scope,connection,state}``,
-``brama_failure_count{scope,connection}``, ``brama_owner_active``. Export them with
-whatever reader/exporter the application configured on its ``MeterProvider``::
+``brama_failure_count{scope,connection}``, ``brama_owner_active``,
+``brama_circuitbreaker_failure_rate`` and ``brama_circuitbreaker_slow_call_rate``
+``{scope,connection}``; counter ``brama_circuitbreaker_calls{scope,connection,kind}``.
+Export them with whatever reader/exporter the application configured on its ``MeterProvider``::
 
     from brama_mq.metrics.otel import OtelOwnerMetrics
     OtelOwnerMetrics().attach()          # the global meter provider
@@ -23,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from brama_mq.metrics.book import STATES
+from brama_mq.metrics.book import RATES, STATES
 from brama_mq.metrics.sink import OwnerSink
 
 __all__ = ["OtelOwnerMetrics"]
@@ -77,6 +79,22 @@ class OtelOwnerMetrics(OwnerSink):
             for reason, n in dict(book.dead_letters).items():
                 yield Observation(n, {"reason": reason})
 
+        def calls(_: CallbackOptions) -> Iterable[Observation]:
+            for scope, connection, kind, n in book.call_counts():
+                yield Observation(n, {"scope": scope, "connection": connection, "kind": kind})
+
+        def rate(which: str) -> Any:
+            def observe(_: CallbackOptions) -> Iterable[Observation]:
+                for scope, connection, name, percent in book.rate_rows():
+                    if name == which:
+                        yield Observation(percent, {"scope": scope, "connection": connection})
+            return observe
+
+        meter.create_observable_counter("brama_circuitbreaker_calls", [calls],
+                                        description="Outcomes reported, by breaker and kind")
+        for name in RATES:
+            meter.create_observable_gauge(f"brama_circuitbreaker_{name}", [rate(name)],
+                                          unit="%", description=f"{name} over the window")
         meter.create_observable_gauge("brama_circuit_state", [states],
                                       description="1 for the current state, 0 for the others")
         meter.create_observable_gauge("brama_failure_count", [failures],

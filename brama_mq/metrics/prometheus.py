@@ -4,6 +4,14 @@
 ``brama_circuit_state{scope,connection,state}``        1 for the current state, 0 for the
                                                        others (``scope=""``: unscoped)
 ``brama_failure_count{scope,connection}``              the connection's failure count
+``brama_circuitbreaker_calls_total{scope,connection,    outcomes reported to the owner, by
+kind}``                                                 Resilience4j's kinds ``successful``,
+                                                       ``failed``, ``slow`` (the guards
+                                                       count ``not_permitted``)
+``brama_circuitbreaker_failure_rate{scope,connection}``  percent failed over the breaker's
+                                                       window (window strategies only)
+``brama_circuitbreaker_slow_call_rate{scope,            percent slow over the window
+connection}``
 ``brama_events_total{event}``                          events published, by type
 ``brama_commands_total{op,result}``                    commands consumed, by op and outcome
 ``brama_dead_letters_total{reason}``                   commands dead-lettered, by reason
@@ -22,7 +30,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from brama_mq.metrics.book import STATES, CircuitBook
+from brama_mq.metrics.book import RATES, STATES, CircuitBook
 from brama_mq.metrics.probe import OwnerProbe
 from brama_mq.metrics.sink import OwnerSink
 
@@ -82,7 +90,25 @@ class _BookCollector:
                                    labels=["reason"])
         for reason, n in sorted(dict(book.dead_letters).items()):
             dead.add_metric([reason], float(n))
-        yield from (state, failures, active, events, commands, dead)
+        calls = CounterMetricFamily(
+            "brama_circuitbreaker_calls",
+            "Outcomes reported to the owner, by breaker and kind (Resilience4j's names)",
+            labels=["scope", "connection", "kind"],
+        )
+        for scope, connection, kind, n in book.call_counts():
+            calls.add_metric([scope, connection, kind], float(n))
+        rates = {
+            name: GaugeMetricFamily(
+                f"brama_circuitbreaker_{name}",
+                f"Percent of calls {'failed' if name == 'failure_rate' else 'slow'} over "
+                "the breaker's window",
+                labels=["scope", "connection"],
+            )
+            for name in RATES
+        }
+        for scope, connection, name, percent in book.rate_rows():
+            rates[name].add_metric([scope, connection], percent)
+        yield from (state, failures, active, events, commands, dead, calls, *rates.values())
 
 
 class OwnerMetrics(OwnerSink):
