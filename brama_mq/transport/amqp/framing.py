@@ -20,6 +20,28 @@ from brama_mq.transport.base import (
 
 log = logging.getLogger(__name__)
 
+#: py-amqp releases whose private parts (PY_AMQP_PRIVATES) this module was checked
+#: against, by tests/test_framing.py on the installed release; that test fails on any
+#: other release until it is re-checked and added here.
+VERIFIED_PY_AMQP = ("5.4.2",)
+#: What this module reads or mirrors of py-amqp beyond its public API.
+PY_AMQP_PRIVATES = (
+    "amqp.transport.TCPTransport._read_buffer: the bytes py-amqp read ahead, which"
+    " FrameReader takes over; and that install_reader can replace a TCPTransport's"
+    " read_frame, and uses its sock and connected attributes",
+    "amqp.transport._UNAVAIL: the errnos that leave a transport connected (mirrored here"
+    " as _UNAVAIL)",
+    "amqp.method_framing.frame_writer: the bytes of a publish on its single-buffer path,"
+    " and FRAME_OVERHEAD, which chooses that path (mirrored as _FRAME_OVERHEAD)",
+    "amqp.method_framing.frame_handler: the frame types it expects on a channel, and"
+    " connection.bytes_recv counted once per frame (DeliverAssembler, drain_frames)",
+    "amqp.serialization: decode_properties_basic(buf, offset) -> (properties, offset),"
+    " and the byte layout of dumps/loads for 'Bssbb' (basic.publish) and 'sLbss'"
+    " (basic.deliver)",
+    "amqp.abstract_channel.AbstractChannel._pending: the method signatures py-amqp is"
+    " waiting for (drain_frames leaves a basic.ack to py-amqp when it waits for one)",
+)
+
 #: kombu's Connection is only partly typed; it is used through ``Any`` like py-amqp's.
 
 
@@ -235,9 +257,12 @@ class FrameReader:
 
     def _recv(self, flags: int) -> bytes:
         transport = self.transport
+        sock = transport.sock
+        if sock is None:  # closed: an OSError, as py-amqp's read on its closed socket
+            raise OSError("socket closed")
         while True:
             try:
-                data: bytes = transport.sock.recv(65536, flags)
+                data: bytes = sock.recv(65536, flags)
             except InterruptedError:
                 continue
             except BlockingIOError:
