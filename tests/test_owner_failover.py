@@ -248,11 +248,11 @@ def test_a_takeover_record_that_never_comes_back_is_retried_not_fatal(
     """If the journal sends nothing while the owner waits for its takeover record, the
     owner steps down and takes over again with the deliveries it held (never raises
     out of run()); the commands are applied once."""
-    from brama_mq.owner import service
+    from brama_mq.owner import takeover
     from brama_mq.transport.memory import MemoryOwnerLink
 
-    monkeypatch.setattr(service, "_CATCH_UP_TIMEOUT_S", 0.3)
-    monkeypatch.setattr(service, "_RETRY_TAKEOVER_S", 0.05)
+    monkeypatch.setattr(takeover, "_CATCH_UP_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(takeover, "_RETRY_TAKEOVER_S", 0.05)
     real_append = MemoryOwnerLink.append
     dropped: list[bytes] = []
 
@@ -281,9 +281,9 @@ def test_a_snapshot_is_due_once_enough_journal_was_written(
 ) -> None:
     """However long the interval, the owner snapshots once the journal since the last
     snapshot reaches its budget, so retention never drops records no snapshot covers."""
-    from brama_mq.owner import service
+    from brama_mq.owner import snapshots
 
-    monkeypatch.setattr(service, "_JOURNAL_BYTES_PER_SNAPSHOT", 2_000)
+    monkeypatch.setattr(snapshots, "_JOURNAL_BYTES_PER_SNAPSHOT", 2_000)
     owner = run_owner(memory_transport, snapshot_interval=3_600.0)
     client = Brama(transport=memory_transport)
     try:
