@@ -158,7 +158,7 @@ def test_bad_commands_are_dead_lettered_in_memory(stack: Stack) -> None:
     assert not stack.owner.done.is_set(), "the owner keeps going"
 
 
-_CHANGE = re.compile(r"^state_change\s+payments\.payment_api #\d+ (\w+) -> (\w+) \(.+\)$")
+_CHANGE = re.compile(r"^state_change\s+payments/payment_api #\d+ (\w+) -> (\w+) \(.+\)$")
 
 
 def test_demo_tells_the_whole_story() -> None:

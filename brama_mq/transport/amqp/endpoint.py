@@ -144,9 +144,7 @@ class AmqpEndpoint:
                 ch.queue_declare(queue, passive=True)
         except amqp_exc.NotFound as exc:
             if not self.bootstrap:
-                raise NoTopologyError(
-                    self.topology.prefix, self.masked_url, str(exc.reply_text or exc)
-                ) from exc
+                raise self._missing(conn, exc) from exc
             ch = conn.channel()  # the failed check closed the other one
             if owner_side:
                 self.declare_on(ch)
@@ -164,6 +162,22 @@ class AmqpEndpoint:
                     raise
                 raise mismatch from exc
         return ch
+
+    def _missing(self, conn: Any, exc: Any) -> BaseException:
+        """What a read-only client reports for a missing name: a shard count that differs
+        from the stored one (its owner queues have other names) before "no topology"."""
+        missing = NoTopologyError(self.topology.prefix, self.masked_url,
+                                  str(getattr(exc, "reply_text", "") or exc))
+        ch = conn.channel()  # the failed check closed the other one
+        try:
+            ch.queue_declare(self.topology.shard_record, passive=True)
+        except amqp_exc.NotFound:
+            return missing  # no worker ever ran with this prefix
+        try:
+            declare_shard_record(ch, self.topology)  # exists: compares, creates nothing
+        except amqp_exc.PreconditionFailed as refused:
+            return self._shard_mismatch(refused) or missing
+        return missing
 
     def note(self, kind: str, name: str) -> None:
         self._declared.add((kind, name))
