@@ -62,10 +62,13 @@ def test_admin_commands_steer_a_breaker(owner: Owner, broker_url: str, prefix: s
 
 
 def test_exit_codes(owner: Owner, broker_url: str, prefix: str) -> None:
-    """Not registered -> 3, bad option -> 2, bad name -> 2; each a one-line error on stderr."""
+    """Not registered -> 3 (answered, not dead-lettered), bad option -> 2, bad name -> 2;
+    each a one-line error on stderr."""
     r = cli(broker_url, prefix, "close", "ghost")
     assert r.returncode == 3
     assert len(r.stderr.strip().splitlines()) == 1 and "not registered" in r.stderr
+    # The caller was told why: the refusal is not also a dead letter.
+    assert owner.stats.refused == 1 and owner.stats.dead_lettered == 0, owner.stats
     r = cli(broker_url, prefix, "register", "x", "-o", "max_attempts=0")
     assert r.returncode == 2 and "max_attempts" in r.stderr
     r = cli(broker_url, prefix, "register", "x", "-o", "nonsense=1")

@@ -105,6 +105,11 @@ class OwnerBatches(OwnerPublisher):
                 if len(events) >= _PUBLISH_CHUNK:
                     critical += self._publish(link, events)
                     events = []
+            elif delivery.reply_to:
+                # The caller waits for the answer and gets the refusal with its reason
+                # (the CLI's exit 3 for an unknown connection): nothing is lost, so it is
+                # not a dead letter. Posted commands nobody answers are dead-lettered.
+                stats.refused += 1
             else:
                 dead += self._dead_letter(link, delivery, result.status, result.error or "")
             if delivery.reply_to:

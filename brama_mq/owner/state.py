@@ -88,6 +88,8 @@ class OwnerStats:
     applied: int = 0
     queries: int = 0
     dead_lettered: int = 0
+    #: refused commands whose sender waited and was told why (not dead-lettered)
+    refused: int = 0
     events: int = 0
     critical_events: int = 0
     batches: int = 0
@@ -102,11 +104,12 @@ class OwnerStats:
     outages: int = 0
 
     def summary(self) -> str:
-        """One log line that accounts for every command (in = applied + queries + dead)."""
+        """One log line that accounts for every command (in = applied + queries + refused +
+        dead)."""
         reasons = ",".join(f"{k}:{v}" for k, v in sorted(self.by_reason.items())) or "-"
         return (
             f"commands={self.commands} applied={self.applied} queries={self.queries} "
-            f"dead_lettered={self.dead_lettered} events={self.events} "
+            f"dead_lettered={self.dead_lettered} refused={self.refused} events={self.events} "
             f"critical_events={self.critical_events} dead_reasons={reasons} "
             f"duplicates={self.duplicates} pings={self.pings} takeovers={self.takeovers}"
         )
