@@ -398,3 +398,12 @@ def _add_admin_commands() -> None:
 
 
 _add_admin_commands()
+
+
+def _add_dashboard_command() -> None:
+    from brama_mq.cli.dashboard import dashboard
+
+    main.add_command(dashboard)
+
+
+_add_dashboard_command()
