@@ -1,4 +1,4 @@
-"""Settings shared by the worker, clients and the CLI (ARCHITECTURE.md section 7).
+"""Settings shared by the worker, clients and the CLI (docs/operations.md lists them).
 
 Environment variables are part of the contract; flags override them.
 """

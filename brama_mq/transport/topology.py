@@ -1,4 +1,4 @@
-"""The broker objects of ARCHITECTURE.md section 3, named from one configurable prefix.
+"""The broker objects of the wire contract (docs/protocol.md), named from one prefix.
 
 :class:`Topology` is plain data (no kombu, no I/O) so the owner and client can name queues
 and routing keys without touching the broker. :func:`declare_topology` and
@@ -60,7 +60,7 @@ DEFAULT_DEAD_MAX_BYTES = 128 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """Names and arguments of every exchange and queue for one prefix (section 3)."""
+    """Names and arguments of every exchange and queue for one prefix."""
 
     prefix: str = DEFAULT_PREFIX
     shards: int = 1

@@ -1,4 +1,5 @@
-"""client_link"""
+"""The client's link to the owner: confirmed, paced command publishes and RPCs over
+direct reply-to, with an I/O thread for heartbeats and confirms nobody waits for."""
 
 
 import atexit

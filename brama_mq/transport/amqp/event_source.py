@@ -1,4 +1,5 @@
-"""event_source"""
+"""A subscriber's queue on the events exchange: bindings, deliveries read by the fast
+frame reader, acks and dead letters, and a wake-up for the thread waiting in get()."""
 
 
 import _socket

@@ -1,4 +1,5 @@
-"""owner_link"""
+"""The owner's link: consume the owner queue as single active consumer, publish events in
+batched frames on one confirm channel, ack, reply, dead-letter."""
 
 
 import contextlib
