@@ -66,6 +66,9 @@ _lock = threading.RLock()
 _RUNTIMES: dict[int, tuple[Any, GuardRuntime, bool]] = {}
 #: Set when a guarded task class or function is defined in this process.
 _GUARDS_DEFINED = threading.Event()
+#: Set in the worker's main process when it sends task events (``-E``,
+#: ``worker_send_task_events``), before the pool forks: prefork children inherit it.
+TASK_EVENTS = threading.Event()
 
 
 def _conf(app: Any, name: str, default: Any = None) -> Any:
@@ -246,7 +249,12 @@ def _on_process_shutdown(**_: Any) -> None:
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """The worker's main process, before the pool forks: turn guard metrics on if asked."""
+    """The worker's main process, before the pool forks: note whether it sends task
+    events (for ``task-skipped``); turn guard metrics on if asked."""
+    if getattr(sender, "task_events", False):
+        TASK_EVENTS.set()
+    else:
+        TASK_EVENTS.clear()
     app = getattr(sender, "app", None)
     raw = (app.conf.get("brama_metrics_port") if app is not None else None) or os.environ.get(
         "BRAMA_METRICS_PORT"

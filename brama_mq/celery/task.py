@@ -7,7 +7,11 @@ Before the body runs, the task's circuit is checked in this process's local view
   until half-open (plus jitter), keeping ``request.retries`` as it was, so the deferral
   does not use up the task's own retry budget; ``"raise"`` raises
   :class:`~brama_mq.errors.CircuitOpenError` (connection, state, time left); ``"skip"``
-  returns None. The body is not entered;
+  drops the task: its state becomes :data:`SKIPPED` (meta: connection, scope,
+  circuit_state, retry_after_ms, reason) and it raises ``Ignore``, so that state stays in
+  the result backend (unless results are ignored) and nothing downstream runs (see
+  "Canvas" below); a worker sending task events (``-E``) also sends ``task-skipped``
+  with the same fields, which Flower shows as SKIPPED. The body is not entered;
 * half-open: the owner is asked for a probe permit; with one the body runs, without one
   the task is treated as if the circuit were open.
 
@@ -22,13 +26,28 @@ given back.
 
 When the task is called directly or eagerly (``task_always_eager``), a refusal with
 ``on_open="retry"`` raises CircuitOpenError instead: there is no queue to defer to, and
-an eager retry would loop.
+an eager retry would loop; ``"skip"`` returns None (there is no task state to set).
+
+Canvas (chain, group, chord) while the circuit is open, per ``on_open``:
+
+* ``"retry"``: the deferred task keeps its place (Celery's retry message: same id,
+  chain, callbacks, group and chord), so the chain goes on, the group completes and the
+  chord's callback fires once the task ran after the circuit closed;
+* ``"raise"``: the task fails with CircuitOpenError: a chain stops there (its errbacks
+  run; Celery marks the rest failed, unrun), a group's result holds that failure next
+  to the others' results, a chord's callback fails with ``ChordError`` naming it
+  (Celery's chord error semantics);
+* ``"skip"``: SKIPPED is not a ready state, so what waits for the task waits for ever:
+  the rest of a chain is never sent, a chord's callback never fires (its result stays
+  PENDING), ``.get()`` on the task or its group times out; the other members of a group
+  or a chord header run as usual. Use "skip" for tasks nothing waits on.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, cast
 
@@ -36,7 +55,7 @@ from celery import Task
 from celery._state import get_current_app, get_current_task
 from celery.exceptions import Ignore, Reject, Retry
 
-from brama_mq.celery.runtime import _GUARDS_DEFINED, runtime_for_app
+from brama_mq.celery.runtime import _GUARDS_DEFINED, TASK_EVENTS, runtime_for_app
 from brama_mq.client.guard import (
     ADMIT_CLOSED,
     Admission,
@@ -46,14 +65,17 @@ from brama_mq.client.guard import (
     exception_types,
 )
 from brama_mq.client.local_view import view_key
+from brama_mq.errors import CircuitOpenError
 from brama_mq.metrics.guard import GUARD_CHECKS
 
-__all__ = ["ON_OPEN", "GuardSpec", "GuardedTask", "guarded"]
+__all__ = ["ON_OPEN", "SKIPPED", "GuardSpec", "GuardedTask", "guarded"]
 
 log = logging.getLogger("brama_mq.celery")
 
 F = TypeVar("F", bound=Callable[..., Any])
 ON_OPEN: Final = ("retry", "raise", "skip")
+#: The Celery task state of a task dropped by ``on_open="skip"`` (result backends, Flower).
+SKIPPED: Final = "SKIPPED"
 
 
 class GuardSpec:
@@ -102,13 +124,14 @@ class GuardSpec:
         if self.key in runtime.view.closed:
             admission = ADMIT_CLOSED
             if GUARD_CHECKS.on:  # metrics off (the default): this test is all they cost
-                GUARD_CHECKS.count(self.connection, "closed")
+                GUARD_CHECKS.count(self.connection, "closed", self.scope)
         else:
             admission = runtime.decide(guard)
             if GUARD_CHECKS.on:
-                GUARD_CHECKS.count(self.connection, admission.why)
+                GUARD_CHECKS.count(self.connection, admission.why, self.scope)
             if not admission.allowed:
                 return self.refuse(task, guard, admission)
+        started = time.monotonic()
         try:
             result = body(*args, **kwargs)
         except Retry as exc:
@@ -123,17 +146,26 @@ class GuardSpec:
             raise
         except BaseException as exc:
             guard.settle(admission, exc)
+            if GUARD_CHECKS.on:
+                GUARD_CHECKS.observe_call(self.connection, False, time.monotonic() - started,
+                                          self.scope)
             raise
         guard.settle(admission, None)
+        if GUARD_CHECKS.on:
+            GUARD_CHECKS.observe_call(self.connection, True, time.monotonic() - started,
+                                      self.scope)
         return result
 
     def refuse(self, task: Any, guard: Guard, admission: Admission) -> Any:
         """Act on a refusal per ``on_open`` (see the module doc)."""
         error = guard.refusal(admission)
+        request = getattr(task, "request", None)
         if self.on_open == "skip":
             log.info("brama guard: skipped %s: %s", _name(task), error)
-            return None
-        request = getattr(task, "request", None)
+            if request is None or request.called_directly or request.is_eager:
+                return None
+            _mark_skipped(task, request, error)
+            raise Ignore()
         if (
             self.on_open == "raise"
             or request is None
@@ -153,6 +185,31 @@ class GuardSpec:
                  countdown, error)
         raise Retry(f"{error}; deferred {countdown:.2f} s", exc=error, when=countdown,
                     sig=signature)
+
+
+def _mark_skipped(task: Any, request: Any, error: CircuitOpenError) -> None:
+    """State SKIPPED in the result backend, and a ``task-skipped`` event if the worker
+    sends task events; neither raises into the task (the skip happens anyway)."""
+    info = {
+        "connection": error.connection,
+        "scope": error.scope,
+        "circuit_state": error.state,
+        "retry_after_ms": error.retry_after_ms,
+        "reason": str(error),
+    }
+    explicit = vars(request).get("ignore_result")  # the caller's, over the task's default
+    if not (task.ignore_result if explicit is None else explicit):
+        try:
+            task.update_state(task_id=request.id, state=SKIPPED, meta=info)
+        except Exception:
+            log.exception("brama guard: could not store state SKIPPED of %s[%s]",
+                          _name(task), request.id)
+    if TASK_EVENTS.is_set() and getattr(task, "send_events", True):
+        try:
+            task.send_event("task-skipped", retry=False, **info)
+        except Exception:
+            log.exception("brama guard: could not send task-skipped for %s[%s]",
+                          _name(task), request.id)
 
 
 def _name(task: Any) -> str:
