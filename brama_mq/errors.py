@@ -113,9 +113,15 @@ class CircuitOpenError(BramaError):
         self.scope = scope
         self.state = state
         self.retry_after_ms = retry_after_ms
-        where = breaker_name(scope, connection)
-        left = "until closed by hand" if retry_after_ms is None else f"{retry_after_ms} ms left"
-        super().__init__(f"circuit {where} is {state} ({left})")
+        # args are the constructor's arguments: Celery's JSON result serializer rebuilds
+        # an exception as ``cls(*args)``, so a client's result.get() raises this class.
+        super().__init__(connection, scope, state, retry_after_ms)
+
+    def __str__(self) -> str:
+        where = breaker_name(self.scope, self.connection)
+        left = ("until closed by hand" if self.retry_after_ms is None
+                else f"{self.retry_after_ms} ms left")
+        return f"circuit {where} is {self.state} ({left})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Picklable with its fields (Celery ships task errors between processes).

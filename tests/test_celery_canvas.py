@@ -26,6 +26,7 @@ from celery.result import AsyncResult, GroupResult
 
 from brama_mq.celery import SKIPPED
 from brama_mq.client import Brama
+from brama_mq.errors import CircuitOpenError
 from brama_mq.owner import Owner, run_owner
 from brama_mq.transport import Topology
 from brama_mq.transport.amqp import AmqpTransport
@@ -202,11 +203,14 @@ def test_raise_fails_the_chain_the_group_member_and_the_chord_callback(c: Canvas
     assert first.get(timeout=15) == 2
     c.wait_state(guarded, "FAILURE")
     assert "CircuitOpenError" in str(guarded.traceback) and "is open" in str(guarded.result)
+    # JSON results rebuild the class itself, with its fields
+    assert isinstance(guarded.result, CircuitOpenError), type(guarded.result)
+    assert (guarded.result.connection, guarded.result.scope) == (CONNECTION, SCOPE)
     poll("the errback", lambda: c.errbacks.exists() and c.errbacks.read_text().split())
     assert c.errbacks.read_text().split() == [guarded.id]
 
     failed, four = gr.join(timeout=15, propagate=False)
-    assert "CircuitOpenError" in str(failed) and four == 4
+    assert isinstance(failed, CircuitOpenError) and four == 4
     assert [r.state for r in gr.results] == ["FAILURE", "SUCCESS"]
 
     error = cb.get(timeout=15, propagate=False)
