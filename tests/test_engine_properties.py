@@ -1,7 +1,8 @@
 """Random command sequences against the engine, with its invariants checked after each step.
 
-A hypothesis state machine drives a few connections in two scopes with every op, random
-time steps, ``advance`` calls and probe requests. At random points it restores a copy of
+A hypothesis state machine drives a few connections in two scopes with every op (slow
+calls, reporters, time windows and modes included), random time steps, ``advance`` calls
+and probe requests. At random points it restores a copy of
 the engine from a JSON round trip of its snapshot and feeds both the same inputs from then
 on: the copy must answer exactly as the original.
 """
@@ -22,6 +23,7 @@ from hypothesis.stateful import (
 )
 
 from brama_mq.core import APPLIED, OPEN, STATES, Command, Engine, Event
+from brama_mq.core.policy import FORCED_OPEN, MAX_REPORTERS, MODES, NORMAL
 
 Key = tuple[str | None, str]
 KEYS: list[Key] = [(None, "a"), (None, "b"), ("s", "a")]
@@ -44,6 +46,11 @@ _OPTION_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "window_size": st.integers(1, 6),
     "minimum_calls": st.none() | st.integers(1, 6),
     "failure_rate_threshold": st.sampled_from([10.0, 50.0, 100.0]),
+    "slow_call_ms": st.none() | st.sampled_from([1, 100]),
+    "slow_call_rate_threshold": st.sampled_from([50.0, 100.0]),
+    "window_type": st.sampled_from(["count", "time"]),
+    "window_seconds": st.integers(1, 5),
+    "min_reporters": st.integers(1, 3),
 }
 configure_options = st.fixed_dictionaries({}, optional=_OPTION_VALUES)
 register_options = st.fixed_dictionaries(
@@ -116,13 +123,29 @@ class EngineMachine(RuleBasedStateMachine):
         live = sorted(self.engine.keys(), key=repr)
         return data.draw(st.sampled_from(live) if live else keys, label="key")
 
-    @rule(data=st.data(), with_lease=st.booleans(), ok=st.booleans())
-    def outcome(self, data: st.DataObject, with_lease: bool, ok: bool) -> None:
+    @rule(
+        data=st.data(),
+        with_lease=st.booleans(),
+        ok=st.booleans(),
+        duration=st.none() | st.sampled_from([0, 50, 150.5]),
+        reporter=st.none() | st.sampled_from(["r1", "r2", "r3"]),
+    )
+    def outcome(
+        self, data: st.DataObject, with_lease: bool, ok: bool, duration: Any, reporter: Any
+    ) -> None:
         key = self._live(data)
-        options = {}
+        options: dict[str, Any] = {}
         if with_lease and self.leases.get(key):
             options["lease"] = self.leases[key].pop(0)
+        if duration is not None:
+            options["duration_ms"] = duration
+        if reporter is not None:
+            options["reporter"] = reporter
         self._command("success" if ok else "failure", key, options=options, reason="r")
+
+    @rule(data=st.data(), mode=st.sampled_from(MODES))
+    def mode(self, data: st.DataObject, mode: str) -> None:
+        self._command("configure", self._live(data), options={"mode": mode})
 
     @rule(data=st.data())
     def trip(self, data: st.DataObject) -> None:
@@ -217,6 +240,13 @@ class EngineMachine(RuleBasedStateMachine):
             if status["state"] != "half_open":
                 assert permits == 0
             assert status["seq"] == self.last_seq[(status["scope"], status["connection"])]
+            mode = status["mode"]
+            if mode == FORCED_OPEN:
+                assert status["state"] == OPEN and status["held_open"]
+            elif mode != NORMAL:
+                assert status["state"] == "closed"
+            for rate in (status["failure_rate"], status["slow_call_rate"]):
+                assert rate is None or 0.0 <= rate <= 100.0
 
     @invariant()
     def snapshot_round_trips_and_windows_match(self) -> None:
@@ -225,8 +255,18 @@ class EngineMachine(RuleBasedStateMachine):
         if self.shadow is not None:
             assert self.shadow.snapshot() == snap
         for conn in snap["connections"]:
-            if conn["window"] is not None and conn["state"] == "closed":
-                assert conn["failure_count"] == sum(conn["window"])
+            if conn["state"] != "closed":
+                assert "reporters" not in conn
+                continue
+            if conn["window"] is not None:
+                assert conn["failure_count"] == sum(flags & 1 for flags in conn["window"])
+            if "buckets" in conn:
+                assert conn["failure_count"] == sum(b[2] for b in conn["buckets"])
+                seconds = [b[0] for b in conn["buckets"]]
+                assert seconds == sorted(set(seconds))
+                assert len(seconds) <= conn["policy"]["window_seconds"]
+            if "reporters" in conn:
+                assert all(len(book) <= MAX_REPORTERS for book in conn["reporters"].values())
 
 
 EngineMachine.TestCase.settings = settings(

@@ -482,7 +482,9 @@ def test_failure_rate_opens_at_the_threshold_not_below() -> None:
     assert outcomes(e, "SSSFF") == [["success"]] * 3 + [["failure"]] * 2  # 2/5 = 40%
     result = do(e, "failure", 10)  # 3/6 = 50%
     assert names(result) == ["failure", "circuit_opened", "state_change"]
-    assert "50.0%" in result.events[1].data["reason"]
+    opened = result.events[1].data
+    assert opened["reason"] == "failure_rate"  # the machine word; the sentence is in detail
+    assert opened["detail"] == "Failure rate 50.0% >= 50%"
 
 
 def test_failure_rate_ignores_consecutive_count() -> None:
@@ -602,9 +604,24 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("failure_rate_threshold", NAN),
     ("failure_rate_threshold", "50"),
     ("no_such_option", 1),
+    ("slow_call_ms", 0),
+    ("slow_call_ms", -5),
+    ("slow_call_ms", 1.5),
+    ("slow_call_ms", "100"),
+    ("slow_call_rate_threshold", 0),
+    ("slow_call_rate_threshold", 101),
+    ("slow_call_rate_threshold", None),
+    ("window_type", "sliding"),
+    ("window_type", None),
+    ("window_seconds", 0),
+    ("window_seconds", 3_601),
+    ("min_reporters", 0),
+    ("min_reporters", 65),
+    ("min_reporters", "2"),
 ]
 BAD_POLICY_VALUES = list(BAD_VALUES)
 BAD_VALUES += [("metadata", [1, 2]), ("metadata", "x"), ("metadata", {1: "x"})]
+BAD_VALUES += [("mode", "paused"), ("mode", None), ("mode", 3)]
 BAD_IDS = [f"{name}={value!r}" for name, value in BAD_VALUES]
 
 

@@ -72,6 +72,19 @@ def half_opened(now: int = 10) -> list[Step]:
     return [*tripped(now), Advance(now + OPTIONS["expiry_ms"])]
 
 
+#: A failure-rate policy whose second slow call in a row opens the circuit.
+SLOW_OPTIONS: dict[str, Any] = {
+    **OPTIONS,
+    "strategy": "failure_rate",
+    "window_size": 2,
+    "slow_call_ms": 100,
+}
+
+
+def slow(now: int) -> At:
+    return At(now, "success", {"duration_ms": 250})
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of section 6: setup, step under test, expected events and final state."""
@@ -189,6 +202,47 @@ ROWS = [
         0,
         removed=True,
     ),
+    # Issue 15: slow calls and modes.
+    Row(
+        "slow success reaching the slow-call rate",
+        [At(0, "register", SLOW_OPTIONS), slow(1)],
+        slow(2),
+        ["success", "circuit_opened", "state_change"],
+        OPEN,
+        0,
+        (CLOSED, OPEN),
+        "slow_call_rate",
+    ),
+    Row(
+        "slow success in half-open",
+        [At(0, "register", SLOW_OPTIONS), slow(1), slow(2), Advance(1_002)],
+        slow(1_010),
+        ["success", "circuit_opened", "state_change"],
+        OPEN,
+        0,
+        (HALF_OPEN, OPEN),
+        "slow_call_rate",
+    ),
+    Row(
+        "mode forced_open",
+        [reg(), fail(1)],
+        At(2, "configure", {"mode": "forced_open"}),
+        ["circuit_opened", "state_change"],
+        OPEN,
+        1,
+        (CLOSED, OPEN),
+        "mode",
+    ),
+    Row(
+        "mode change in the same state",
+        [reg(), fail(1)],
+        At(2, "configure", {"mode": "disabled"}),
+        ["state_change"],
+        CLOSED,
+        1,
+        (CLOSED, CLOSED),
+        "mode",
+    ),
 ]
 
 
@@ -256,7 +310,8 @@ def test_transition_fields(row: Row) -> None:
         assert e.data["reason"] == row.reason, e
         assert e.data["state"] == new, e
     changes = [e for e in events if e.event == "state_change"]
-    assert len(changes) == (1 if previous != new else 0)
+    # a change of mode is one state_change even when the state stays the same
+    assert len(changes) == (1 if previous != new or row.reason == "mode" else 0)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.trigger for r in ROWS])
@@ -298,6 +353,7 @@ def test_reopen_with_backoff_doubles_open_time() -> None:
 
 
 def test_table_covers_every_row_of_section_6() -> None:
-    """The table has one row per trigger of section 6 (reset split by state change)."""
-    assert len(ROWS) == 13
+    """The table has one row per trigger of section 6 (reset split by state change),
+    and the four of issue 15 (slow calls, modes)."""
+    assert len(ROWS) == 13 + 4
     assert len({r.trigger for r in ROWS}) == len(ROWS)

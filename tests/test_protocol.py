@@ -338,6 +338,35 @@ def test_event_convenience_properties() -> None:
     assert (bare.state, bare.new_state, bare.reason, bare.failure_count) == (None,) * 4
 
 
+def test_event_properties_of_issue_15() -> None:
+    """mode (normal when absent), detail, slow, reporters and the rates read from data,
+    and ignore values of the wrong type."""
+    ev = Event.from_core(_core_event(data={
+        "state": "open", "failure_count": 0, "reason": "slow_call_rate", "mode": "forced_open",
+        "detail": "Slow-call rate 100.0% >= 100%", "reporters": ["a", 3, "b"],
+        "failure_rate": 12.5, "slow_call_rate": 100,
+    }))
+    assert (ev.reason, ev.mode, ev.detail) == (
+        "slow_call_rate", "forced_open", "Slow-call rate 100.0% >= 100%")
+    assert ev.reporters == ["a", "b"] and not ev.slow
+    assert (ev.failure_rate, ev.slow_call_rate) == (12.5, 100.0)
+    bare = Event.from_core(_core_event(event="success", data={
+        "slow": True, "failure_rate": None, "slow_call_rate": True, "reporters": "a"}))
+    assert (bare.mode, bare.detail, bare.slow, bare.reporters) == ("normal", None, True, [])
+    assert (bare.failure_rate, bare.slow_call_rate) == (None, None)
+
+
+def test_outcome_options_travel_as_options() -> None:
+    """duration_ms and reporter are plain options of success/failure: they decode
+    as sent (the owner's engine checks them and names a bad one)."""
+    body = good() | {"options": {"duration_ms": 12.5, "reporter": "web-1:42", "lease": "l"}}
+    cmd = decode_command(json.dumps(body).encode())
+    assert cmd.options == {"duration_ms": 12.5, "reporter": "web-1:42", "lease": "l"}
+    assert decode_command(encode_command(cmd)) == cmd
+    configure = good() | {"op": "configure", "options": {"mode": "forced_open"}}
+    assert decode_command(json.dumps(configure).encode()).options == {"mode": "forced_open"}
+
+
 def test_event_keeps_extra_fields() -> None:
     """A newer owner's optional event fields survive decoding and re-encoding."""
     body = _core_event().to_dict() | {"node": "owner-2"}
@@ -441,19 +470,31 @@ def test_command_body_encodes_what_make_command_encodes(
     lease=st.none() | st.text(max_size=8),
     count=st.integers(min_value=-2, max_value=2**40),
     now_ms=st.integers(min_value=-1, max_value=2**53),
+    duration_ms=st.none() | st.integers(-1, 10**6) | st.floats(allow_nan=False),
+    reporter=st.none() | st.text(max_size=12),
 )
 def test_report_body_is_command_body_of_the_report(
     op: str, connection: str, scope: str | None, reason: str | None, lease: str | None,
-    count: int, now_ms: int,
+    count: int, now_ms: int, duration_ms: float | None, reporter: str | None,
 ) -> None:
-    """The outbox's entry point writes command_body's bytes (with ``lease`` or ``count``
-    as the options), or raises what command_body raises."""
+    """The outbox's entry point writes command_body's bytes (with ``lease`` or ``count``,
+    then ``duration_ms`` and ``reporter`` as the options), or raises what command_body
+    raises."""
     from brama_mq.errors import InvalidNameError
 
-    options = {"lease": lease} if lease else {"count": count} if count != 1 else None
+    options: dict[str, Any] | None = (
+        {"lease": lease} if lease else {"count": count} if count != 1 else None
+    )
+    if duration_ms is not None or reporter is not None:
+        options = dict(options or {})
+        if duration_ms is not None:
+            options["duration_ms"] = duration_ms
+        if reporter is not None:
+            options["reporter"] = reporter
     try:
         got: Any = codec.report_body(op, connection, scope, reason, now_ms=now_ms,
-                                        lease=lease, count=count)
+                                        lease=lease, count=count, duration_ms=duration_ms,
+                                        reporter=reporter)
         ident = json.loads(got)["id"]
     except (InvalidNameError, ProtocolError) as exc:
         got, ident = type(exc), None

@@ -6,7 +6,13 @@ drive it directly with made-up times. ``now`` is always epoch milliseconds.
 
 Timers (open-circuit expiry, probe-lease timeouts, inactivity) live in one heap whose
 entries are invalidated lazily, so ``advance()`` costs O(1) when nothing is due and a
-success never touches the heap.
+success never touches the heap. Windows and reporters are in core/window.py, the
+connection record and its snapshot form in core/record.py.
+
+Operating modes sit above the state machine: ``forced_open`` holds the circuit open,
+``disabled`` and ``metrics_only`` keep it closed (``metrics_only`` still says, in
+``data.would_open``, when a rule would have opened it); every change of mode is one
+``state_change`` with reason ``mode``.
 """
 
 from __future__ import annotations
@@ -14,24 +20,65 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-import operator
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from brama_mq.core import events as ev
-from brama_mq.core.events import CLOSED, HALF_OPEN, OPEN, Event
-from brama_mq.core.policy import CONSECUTIVE, DEFAULT_POLICY, Policy, check_metadata
+from brama_mq.core.events import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    REASON_MODE,
+    REASON_SLOW_CALL_RATE,
+    Event,
+)
+from brama_mq.core.policy import (
+    DEFAULT_POLICY,
+    FAILURE_RATE,
+    FORCED_OPEN,
+    METRICS_ONLY,
+    NORMAL,
+    Policy,
+    check_metadata,
+    check_mode,
+)
+from brama_mq.core.record import Conn, Key, dump_conn, load_conn, status_row
+from brama_mq.core.results import (
+    ALREADY_REGISTERED,
+    APPLIED,
+    INVALID,
+    NOT_REGISTERED,
+    Advance,
+    Command,
+    CommandLike,
+    Probe,
+    Result,
+)
+from brama_mq.core.rules import count_outcome, is_slow, outcome_options, with_rates
+from brama_mq.core.window import (
+    FAILED,
+    SLOW,
+    listed,
+    new_window,
+    same_window,
+)
 from brama_mq.errors import PolicyError
 
-Key = tuple[str | None, str]
+__all__ = [
+    "ALREADY_REGISTERED",
+    "APPLIED",
+    "INVALID",
+    "MAX_SUCCESS_COUNT",
+    "NOT_REGISTERED",
+    "Advance",
+    "Command",
+    "CommandLike",
+    "Engine",
+    "Key",
+    "Probe",
+    "Result",
+]
 
-# Result statuses.
-APPLIED: Final = "applied"
-ALREADY_REGISTERED: Final = "already_registered"
-NOT_REGISTERED: Final = "not_registered"
-INVALID: Final = "invalid"
 #: Largest ``count`` of one batched success report.
 MAX_SUCCESS_COUNT: Final = 1_000_000
 
@@ -44,133 +91,15 @@ _SNAPSHOT_VERSION: Final = 1
 _UNSET: Any = object()
 
 
-class CommandLike(Protocol):
-    """What ``Engine.apply`` reads from a command (protocol.Command fits)."""
-
-    @property
-    def op(self) -> str: ...
-    @property
-    def connection(self) -> str | None: ...
-    @property
-    def scope(self) -> str | None: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def options(self) -> Mapping[str, Any]: ...
-
-
-@dataclass(slots=True)
-class Command:
-    """A plain command for driving the engine without the wire models."""
-
-    op: str
-    connection: str | None = None
-    scope: str | None = None
-    reason: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Result:
-    """What applying one command did: its events, or why it was refused."""
-
-    status: str
-    events: list[Event]
-    error: str | None = None
-    value: Any = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == APPLIED
-
-
-@dataclass(slots=True)
-class Advance:
-    """Events that fell due, and when ``advance`` should be called next (None: never)."""
-
-    events: list[Event]
-    next_deadline: int | None
-
-
-@dataclass(slots=True)
-class Probe:
-    """Answer to ``acquire_probe``: may the caller try the service now?"""
-
-    granted: bool
-    state: str
-    lease: str | None = None
-    lease_expires_at: int | None = None
-    retry_after_ms: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "granted": self.granted,
-            "state": self.state,
-            "lease": self.lease,
-            "lease_expires_at": self.lease_expires_at,
-            "retry_after_ms": self.retry_after_ms,
-        }
-
-
-class _Conn:
-    """One registered connection. Slots keep an idle one to a few hundred bytes."""
-
-    __slots__ = (
-        "connection",
-        "failure_count",
-        "held",
-        "id_base",
-        "key",
-        "last_activity",
-        "last_failure",
-        "last_success",
-        "leases",
-        "metadata",
-        "open_until",
-        "opened_at",
-        "policy",
-        "probe_successes",
-        "registered_at",
-        "reopen_level",
-        "scope",
-        "seq",
-        "state",
-        "timer_gen",
-        "window",
-    )
-
-    def __init__(self, key: Key, policy: Policy, now: int, seq: int, id_base: str) -> None:
-        self.key = key
-        self.scope, self.connection = key
-        self.policy = policy
-        self.state = CLOSED
-        self.failure_count = 0
-        self.window: deque[bool] | None = None
-        self.probe_successes = 0
-        self.reopen_level = 0
-        self.opened_at: int | None = None
-        self.open_until: int | None = None
-        self.held = False
-        self.leases: dict[str, int] | None = None
-        self.registered_at = now
-        self.last_activity = now
-        self.last_success: int | None = None
-        self.last_failure: int | None = None
-        self.metadata: dict[str, Any] | None = None
-        self.seq = seq
-        self.timer_gen = 0
-        self.id_base = id_base
-
-
 class Engine:
     """Runs every breaker of one owner. Not thread-safe: one owner thread drives it."""
 
     def __init__(self, *, defaults: Policy = DEFAULT_POLICY, lineage: str = "brama") -> None:
         self.defaults = defaults
         self.lineage = lineage
-        self._conns: dict[Key, _Conn] = {}
+        self._conns: dict[Key, Conn] = {}
         self._last_seq: dict[Key, int] = {}  # seq of removed connections, so it never restarts
-        self._timers: list[tuple[int, int, int, _Conn, int]] = []
+        self._timers: list[tuple[int, int, int, Conn, int]] = []
         self._order = itertools.count()
         self._next_lease = 1  # in snapshots, so a restored engine never reissues a lease id
         #: Stamped on every event; the owner sets it at a takeover (see core/ordering.py).
@@ -213,34 +142,8 @@ class Engine:
         """Brama's ``available?``: closed, or half-open (a probe may be granted)."""
         return self._conns[(scope, connection)].state != OPEN
 
-    def _status(self, c: _Conn, now: int | None) -> dict[str, Any]:
-        policy = c.policy
-        left = None
-        if c.state == OPEN and c.open_until is not None and now is not None:
-            left = max(0, c.open_until - now)
-        return {
-            "scope": c.scope,
-            "connection": c.connection,
-            "state": c.state,
-            "failure_count": c.failure_count,
-            "max_attempts": policy.max_attempts,
-            "expiry_ms": policy.expiry_ms,
-            "opened_at": c.opened_at,
-            "open_until": c.open_until,
-            "open_ms_left": left,
-            "held_open": c.held,
-            "reopen_level": c.reopen_level,
-            "probe_successes": c.probe_successes,
-            "permits_in_use": len(c.leases) if c.leases else 0,
-            "registered_at": c.registered_at,
-            "last_activity": c.last_activity,
-            "last_success_time": c.last_success,
-            "last_failure_time": c.last_failure,
-            "metadata": c.metadata or {},
-            "policy": policy.to_options(),
-            "seq": c.seq,
-            "epoch": self.epoch,
-        }
+    def _status(self, c: Conn, now: int | None) -> dict[str, Any]:
+        return status_row(c, now, self.epoch)
 
     # ------------------------------------------------------------------ commands
     def apply(self, command: CommandLike, now: int) -> Result:
@@ -262,23 +165,28 @@ class Engine:
         now: int,
         options: Mapping[str, Any] | None = None,
     ) -> Result:
+        """Register with policy options, ``metadata`` and ``mode`` (default ``normal``;
+        another mode is entered at once, with its ``state_change``)."""
         key = (scope, connection)
         if key in self._conns:
             return Result(ALREADY_REGISTERED, [], f"{_where(key)} is already registered")
         opts = options or {}
+        mode = check_mode(opts["mode"]) if "mode" in opts else NORMAL
         policy = self.defaults.updated(opts) if opts else self.defaults
         metadata = check_metadata(opts.get("metadata"))
         first_seq = self._last_seq.pop(key, 0)
-        c = _Conn(key, policy, now, first_seq, self._id_base(key, first_seq))
+        c = Conn(key, policy, now, first_seq, self._id_base(key, first_seq))
         c.metadata = metadata
-        if policy.strategy != CONSECUTIVE:
-            c.window = deque(maxlen=policy.window_size)
+        c.window = new_window(policy)
         self._conns[key] = c
         if policy.inactive_ms is not None:
             self._push(now + policy.inactive_ms, _IDLE, c, 0)
         data = {"policy": policy.to_options(), "metadata": c.metadata or {}}
-        first = self._event(c, ev.REGISTRATION, now, data)
-        return Result(APPLIED, [first, self._event(c, ev.CONNECTION_REGISTERED, now, data)])
+        out = [self._event(c, ev.REGISTRATION, now, data)]
+        out.append(self._event(c, ev.CONNECTION_REGISTERED, now, data))
+        if mode != NORMAL:
+            self._set_mode(c, mode, now, out)
+        return Result(APPLIED, out)
 
     def unregister(self, scope: str | None, connection: str, now: int) -> Result:
         c = self._conns.get((scope, connection))
@@ -294,38 +202,43 @@ class Engine:
         *,
         lease: str | None = None,
         count: int = 1,
+        duration_ms: float | None = None,
+        reporter: str | None = None,
     ) -> Result:
         """``count`` successes in a row (a client's batched report): the same state as
-        that many single ones, but one ``success`` event whose data carries ``count``."""
+        that many single ones, but one ``success`` event whose data carries ``count``.
+        ``duration_ms`` is each one's duration; over ``slow_call_ms`` they are slow."""
         c = self._conns.get((scope, connection))
         if c is None:
             return _not_registered((scope, connection))
         c.last_activity = now
         c.last_success = now
+        policy = c.policy
+        slow = is_slow(policy, duration_ms)
+        extra: dict[str, Any] | None = None
+        if count != 1 or slow:
+            extra = {"count": count} if count != 1 else {}
+            if slow:
+                extra["slow"] = True
         state = c.state
-        extra = {"count": count} if count != 1 else None
         if state == CLOSED:
-            window = c.window
-            if window is None:
-                c.failure_count = 0
-            else:
-                maxlen = window.maxlen or count
-                for _ in range(min(count, maxlen)):
-                    if len(window) == window.maxlen and window[0]:
-                        c.failure_count -= 1
-                    window.append(False)
-            return Result(APPLIED, [self._event(c, ev.SUCCESS, now, extra)])
+            return self._closed_outcome(c, now, ev.SUCCESS, SLOW if slow else 0, count,
+                                        reporter, extra)
+        out = [self._event(c, ev.SUCCESS, now, with_rates(c, extra))]
         if state == HALF_OPEN:
             self._release(c, lease)
-            for _ in range(min(count, c.policy.half_open_permits) - 1):
+            for _ in range(min(count, policy.half_open_permits) - 1):
                 self._release(c, None)
+            if slow and policy.strategy == FAILURE_RATE:  # a slow probe: not recovered
+                c.reopen_level += 1
+                period = policy.open_period_ms(c.reopen_level)
+                detail = {"detail": "Slow call in half-open"}
+                self._open(c, now, REASON_SLOW_CALL_RATE, period, out, detail)
+                return Result(APPLIED, out)
             c.probe_successes += count
-            out = [self._event(c, ev.SUCCESS, now, extra)]
-            if c.probe_successes >= c.policy.success_threshold:
+            if c.probe_successes >= policy.success_threshold:
                 self._close(c, now, ev.CIRCUIT_CLOSED, "Success threshold reached", out)
-            return Result(APPLIED, out)
-        # open: noted, no transition
-        return Result(APPLIED, [self._event(c, ev.SUCCESS, now, extra)])
+        return Result(APPLIED, out)  # open: noted, no transition
 
     def failure(
         self,
@@ -335,45 +248,60 @@ class Engine:
         *,
         reason: str | None = None,
         lease: str | None = None,
+        duration_ms: float | None = None,
+        reporter: str | None = None,
     ) -> Result:
         c = self._conns.get((scope, connection))
         if c is None:
             return _not_registered((scope, connection))
         c.last_activity = now
         c.last_failure = now
+        slow = is_slow(c.policy, duration_ms)
+        extra: dict[str, Any] | None = None
+        if reason is not None or slow:
+            extra = {"reason": reason} if reason is not None else {}
+            if slow:
+                extra["slow"] = True
         state = c.state
-        extra = {"reason": reason} if reason is not None else None
         if state == CLOSED:
-            policy = c.policy
-            window = c.window
-            if window is None:
-                c.failure_count += 1
-                trip = c.failure_count >= policy.max_attempts
-                why = "Threshold exceeded"
-            else:
-                if not (len(window) == window.maxlen and window[0]):
-                    c.failure_count += 1
-                window.append(True)
-                calls = len(window)
-                rate = 100.0 * c.failure_count / calls
-                trip = (
-                    calls >= policy.effective_minimum_calls
-                    and rate >= policy.failure_rate_threshold
-                )
-                why = f"Failure rate {rate:.1f}% >= {policy.failure_rate_threshold:g}%"
-            out = [self._event(c, ev.FAILURE, now, extra)]
-            if trip:
-                self._open(c, now, why, c.policy.open_period_ms(c.reopen_level), out)
-            return Result(APPLIED, out)
+            flags = FAILED | SLOW if slow else FAILED
+            return self._closed_outcome(c, now, ev.FAILURE, flags, 1, reporter, extra)
+        c.failure_count += 1
+        out = [self._event(c, ev.FAILURE, now, with_rates(c, extra))]
         if state == HALF_OPEN:
             self._release(c, lease)
-            c.failure_count += 1
-            out = [self._event(c, ev.FAILURE, now, extra)]
             c.reopen_level += 1
-            self._open(c, now, "Failure in half-open", c.policy.open_period_ms(c.reopen_level), out)
-            return Result(APPLIED, out)
-        c.failure_count += 1  # open: a call got through anyway; noted, the open period stays
-        return Result(APPLIED, [self._event(c, ev.FAILURE, now, extra)])
+            period = c.policy.open_period_ms(c.reopen_level)
+            self._open(c, now, "Failure in half-open", period, out)
+        # open: a call got through anyway; noted, the open period stays
+        return Result(APPLIED, out)
+
+    def _closed_outcome(
+        self,
+        c: Conn,
+        now: int,
+        kind: str,
+        flags: int,
+        n: int,
+        reporter: str | None,
+        extra: dict[str, Any] | None,
+    ) -> Result:
+        """An outcome in closed state: count it, and open if a rule says so (in mode
+        normal; metrics_only only says it would have, disabled stays silent)."""
+        trip = count_outcome(c, now, flags, n, reporter)
+        extra = with_rates(c, extra)
+        if trip is not None and c.mode != NORMAL:
+            if c.mode == METRICS_ONLY:
+                extra = {**extra, "would_open": trip[0]} if extra else {"would_open": trip[0]}
+            trip = None
+        out = [self._event(c, kind, now, extra)]
+        if trip is not None:
+            reason, detail, book = trip
+            data: dict[str, Any] = {} if detail is None else {"detail": detail}
+            if book is not None:
+                data.update(listed(book))
+            self._open(c, now, reason, c.policy.open_period_ms(c.reopen_level), out, data)
+        return Result(APPLIED, out)
 
     def open(
         self,
@@ -394,6 +322,8 @@ class Engine:
             period = None
         else:
             period = _check_expiry(expiry_ms)
+        if c.mode != NORMAL:
+            return _mode_refuses(c, "open")
         out: list[Event] = []
         self._open(c, now, reason or "Opened by hand", period, out)
         return Result(APPLIED, out)
@@ -404,6 +334,8 @@ class Engine:
         c = self._conns.get((scope, connection))
         if c is None:
             return _not_registered((scope, connection))
+        if c.mode == FORCED_OPEN:
+            return _mode_refuses(c, "close")
         out: list[Event] = []
         self._close(c, now, ev.CIRCUIT_CLOSED, reason or "Closed by hand", out)
         return Result(APPLIED, out)
@@ -414,15 +346,26 @@ class Engine:
         c = self._conns.get((scope, connection))
         if c is None:
             return _not_registered((scope, connection))
+        if c.mode == FORCED_OPEN:
+            return _mode_refuses(c, "reset")
         out: list[Event] = []
         self._close(c, now, ev.CIRCUIT_RESET, reason or "Reset by hand", out)
         return Result(APPLIED, out)
 
     def configure(
-        self, scope: str | None, connection: str | None, options: Mapping[str, Any]
+        self,
+        scope: str | None,
+        connection: str | None,
+        options: Mapping[str, Any],
+        now: int | None = None,
     ) -> Result:
-        """Partial policy update of one connection, or of the defaults (connection None)."""
+        """Partial policy update of one connection, or of the defaults (connection None).
+        ``mode`` (one connection only) changes the operating mode; that emits events,
+        stamped ``now``."""
+        mode = check_mode(options["mode"]) if "mode" in options else None
         if connection is None:
+            if mode is not None:
+                raise PolicyError("mode", mode, "is set per connection, not in the defaults")
             check_metadata(options.get("metadata"))  # not kept in the defaults, but validated
             self.defaults = self.defaults.updated(options)
             return Result(APPLIED, [], value=self.defaults.to_options())
@@ -432,15 +375,37 @@ class Engine:
         policy = c.policy.updated(options)
         if "metadata" in options:
             c.metadata = check_metadata(options["metadata"])
-        if policy.strategy != c.policy.strategy or policy.window_size != c.policy.window_size:
-            c.window = None if policy.strategy == CONSECUTIVE else deque(maxlen=policy.window_size)
+        if not same_window(c.policy, policy):
+            c.window = new_window(policy)
+            c.reporters = None
             c.failure_count = 0
         old_idle = c.policy.inactive_ms
         c.policy = policy
         if policy.inactive_ms is not None and (old_idle is None or policy.inactive_ms < old_idle):
             # The pending check may be later than the new period allows: add an earlier one.
             self._push(c.last_activity + policy.inactive_ms, _IDLE, c, 0)
-        return Result(APPLIED, [], value=self._status(c, None))
+        out: list[Event] = []
+        if mode is not None and mode != c.mode:
+            if now is None:
+                raise ValueError("a change of mode emits events: configure needs now")
+            self._set_mode(c, mode, now, out)
+        return Result(APPLIED, out, value=self._status(c, None))
+
+    def _set_mode(self, c: Conn, mode: str, now: int, out: list[Event]) -> None:
+        """Enter ``mode``: forced_open opens (held, no expiry); disabled and metrics_only
+        close a circuit that is not closed, and so does leaving forced_open. One
+        ``state_change`` (reason ``mode``) either way, after circuit_opened/_closed."""
+        previous = c.mode
+        c.mode = mode
+        data = {"mode": mode, "previous_mode": previous}
+        before = len(out)
+        if mode == FORCED_OPEN:
+            self._open(c, now, REASON_MODE, None, out, data)
+        elif c.state != CLOSED and (mode != NORMAL or previous == FORCED_OPEN):
+            self._close(c, now, ev.CIRCUIT_CLOSED, REASON_MODE, out, data)
+        if not any(e.event == ev.STATE_CHANGE for e in out[before:]):
+            change = {"previous_state": c.state, "new_state": c.state, "reason": REASON_MODE}
+            out.append(self._event(c, ev.STATE_CHANGE, now, {**change, **data}))
 
     # ------------------------------------------------------------------ probes
     def acquire_probe(self, scope: str | None, connection: str, now: int) -> Probe:
@@ -497,7 +462,7 @@ class Engine:
                 self._check_idle(c, now, out)
         return Advance(out, timers[0][0] if timers else None)
 
-    def _check_idle(self, c: _Conn, now: int, out: list[Event]) -> None:
+    def _check_idle(self, c: Conn, now: int, out: list[Event]) -> None:
         inactive = c.policy.inactive_ms
         if inactive is None:
             return  # re-armed by configure if it is turned on again
@@ -510,7 +475,13 @@ class Engine:
 
     # ------------------------------------------------------------------ transitions
     def _open(
-        self, c: _Conn, now: int, reason: str, period: int | None, out: list[Event]
+        self,
+        c: Conn,
+        now: int,
+        reason: str,
+        period: int | None,
+        out: list[Event],
+        extra: dict[str, Any] | None = None,
     ) -> None:
         previous = c.state
         c.state = OPEN
@@ -523,6 +494,7 @@ class Engine:
         c.timer_gen += 1
         if c.window is not None:
             c.window.clear()
+        c.reporters = None
         if period is not None:
             self._push(now + period, _EXPIRE, c, c.timer_gen)
         data = {
@@ -532,11 +504,13 @@ class Engine:
             "open_until": c.open_until,
             "expiry_ms": period,
         }
+        if extra:
+            data.update(extra)
         out.append(self._event(c, ev.CIRCUIT_OPENED, now, data))
         if previous != OPEN:
             out.append(self._event(c, ev.STATE_CHANGE, now, data))
 
-    def _half_open(self, c: _Conn, now: int, out: list[Event]) -> None:
+    def _half_open(self, c: Conn, now: int, out: list[Event]) -> None:
         c.state = HALF_OPEN
         c.last_activity = now
         c.open_until = None
@@ -549,7 +523,15 @@ class Engine:
         out.append(self._event(c, ev.CIRCUIT_HALF_OPENED, now, data))
         out.append(self._event(c, ev.STATE_CHANGE, now, data))
 
-    def _close(self, c: _Conn, now: int, kind: str, reason: str, out: list[Event]) -> None:
+    def _close(
+        self,
+        c: Conn,
+        now: int,
+        kind: str,
+        reason: str,
+        out: list[Event],
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         previous = c.state
         c.state = CLOSED
         c.last_activity = now
@@ -563,12 +545,15 @@ class Engine:
         c.timer_gen += 1
         if c.window is not None:
             c.window.clear()
+        c.reporters = None
         data = {"previous_state": previous, "new_state": CLOSED, "reason": reason}
+        if extra:
+            data.update(extra)
         out.append(self._event(c, kind, now, data))
         if previous != CLOSED:
             out.append(self._event(c, ev.STATE_CHANGE, now, data))
 
-    def _remove(self, c: _Conn, now: int, kind: str, reason: str) -> list[Event]:
+    def _remove(self, c: Conn, now: int, kind: str, reason: str) -> list[Event]:
         data = {"reason": reason}
         first = self._event(c, kind, now, data)
         second = self._event(c, ev.CONNECTION_REMOVED, now, data)
@@ -576,7 +561,7 @@ class Engine:
         self._last_seq[c.key] = c.seq
         return [first, second]
 
-    def _release(self, c: _Conn, lease: str | None) -> None:
+    def _release(self, c: Conn, lease: str | None) -> None:
         leases = c.leases
         if not leases:
             return
@@ -587,17 +572,19 @@ class Engine:
 
     # ------------------------------------------------------------------ plumbing
     def _event(
-        self, c: _Conn, kind: str, now: int, extra: dict[str, Any] | None = None
+        self, c: Conn, kind: str, now: int, extra: dict[str, Any] | None = None
     ) -> Event:
         seq = c.seq = c.seq + 1
         data: dict[str, Any] = {"state": c.state, "failure_count": c.failure_count}
+        if c.mode != NORMAL:
+            data["mode"] = c.mode
         if extra:
             data.update(extra)
         return Event(
             kind, now, c.connection, c.scope, f"{c.id_base}{seq:08x}", seq, data, self.epoch
         )
 
-    def _push(self, when: int, kind: int, c: _Conn, gen: int) -> None:
+    def _push(self, when: int, kind: int, c: Conn, gen: int) -> None:
         heapq.heappush(self._timers, (when, next(self._order), kind, c, gen))
 
     def _id_base(self, key: Key, first_seq: int) -> str:
@@ -621,11 +608,27 @@ class Engine:
             return Result(
                 INVALID, [], f"invalid option count={count!r}: an int 1..{MAX_SUCCESS_COUNT}"
             )
-        return self.success(cmd.scope, _name(cmd), now, lease=options.get("lease"), count=count)
+        try:
+            duration, reporter = outcome_options(options)
+        except PolicyError as exc:
+            return _invalid_option(exc)
+        return self.success(
+            cmd.scope, _name(cmd), now, lease=options.get("lease"), count=count,
+            duration_ms=duration, reporter=reporter,
+        )
 
     def _cmd_failure(self, cmd: CommandLike, now: int) -> Result:
-        lease = cmd.options.get("lease") if cmd.options else None
-        return self.failure(cmd.scope, _name(cmd), now, reason=cmd.reason, lease=lease)
+        options = cmd.options
+        if not options:
+            return self.failure(cmd.scope, _name(cmd), now, reason=cmd.reason)
+        try:
+            duration, reporter = outcome_options(options)
+        except PolicyError as exc:
+            return _invalid_option(exc)
+        return self.failure(
+            cmd.scope, _name(cmd), now, reason=cmd.reason, lease=options.get("lease"),
+            duration_ms=duration, reporter=reporter,
+        )
 
     def _cmd_open(self, cmd: CommandLike, now: int) -> Result:
         opts = cmd.options or {}
@@ -639,13 +642,13 @@ class Engine:
         return self.reset(cmd.scope, _name(cmd), now, reason=cmd.reason)
 
     def _cmd_configure(self, cmd: CommandLike, now: int) -> Result:
-        return self.configure(cmd.scope, cmd.connection, cmd.options or {})
+        return self.configure(cmd.scope, cmd.connection, cmd.options or {}, now)
 
     # ------------------------------------------------------------------ snapshot
     def snapshot(self, scope: Any = _UNSET) -> dict[str, Any]:
         """A JSON-ready copy of the registry (all of it, or one scope's connections)."""
         conns = [
-            _dump(c) for c in self._conns.values() if scope is _UNSET or c.scope == scope
+            dump_conn(c) for c in self._conns.values() if scope is _UNSET or c.scope == scope
         ]
         last_seq = self._removed_seq(scope)
         return {
@@ -686,7 +689,7 @@ class Engine:
         engine while iterating."""
         part: list[dict[str, Any]] = []
         for c in self._conns.values():
-            part.append(_dump(c))
+            part.append(dump_conn(c))
             if len(part) >= size:
                 yield part
                 part = []
@@ -695,7 +698,9 @@ class Engine:
 
     @classmethod
     def restore(cls, snapshot: Mapping[str, Any]) -> Engine:
-        """Rebuild an engine equal to the one ``snapshot()`` was taken of (timers included)."""
+        """Rebuild an engine equal to the one ``snapshot()`` was taken of (timers included).
+        A snapshot of an older version of this code restores too: what it lacks (windows
+        of slow calls and seconds, reporters, modes) takes its default."""
         if snapshot.get("v") != _SNAPSHOT_VERSION:
             raise ValueError(f"unsupported snapshot version {snapshot.get('v')!r}")
         engine = cls(
@@ -703,7 +708,7 @@ class Engine:
         )
         policies: dict[Any, Policy] = {}  # connections share a few policies
         for item in snapshot["connections"]:
-            c = _load(item, policies)
+            c = load_conn(item, policies)
             engine._conns[c.key] = c
             engine._arm(c)
         for scope, connection, seq in snapshot.get("removed_seq", []):
@@ -712,7 +717,7 @@ class Engine:
         engine.epoch = int(snapshot.get("epoch", 0))
         return engine
 
-    def _arm(self, c: _Conn) -> None:
+    def _arm(self, c: Conn) -> None:
         if c.state == OPEN and c.open_until is not None:
             self._push(c.open_until, _EXPIRE, c, c.timer_gen)
         if c.leases:
@@ -722,65 +727,26 @@ class Engine:
             self._push(c.last_activity + c.policy.inactive_ms, _IDLE, c, 0)
 
 
-_DUMPED_FIELDS: Final = (
-    "state",
-    "failure_count",
-    "probe_successes",
-    "reopen_level",
-    "opened_at",
-    "open_until",
-    "held",
-    "registered_at",
-    "last_activity",
-    "last_success",
-    "last_failure",
-    "metadata",
-    "seq",
-    "timer_gen",
-    "id_base",
-)
-
-
-_GET_DUMPED: Final = operator.itemgetter(*_DUMPED_FIELDS)
-
-
-def _dump(c: _Conn) -> dict[str, Any]:
-    out = {name: getattr(c, name) for name in _DUMPED_FIELDS}
-    out["scope"] = c.scope
-    out["connection"] = c.connection
-    out["policy"] = c.policy.to_options()
-    out["leases"] = dict(c.leases) if c.leases else {}
-    out["window"] = None if c.window is None else [bool(x) for x in c.window]
-    return out
-
-
-def _load(item: Mapping[str, Any], policies: dict[Any, Policy]) -> _Conn:
-    options = item["policy"]
-    try:  # validating the options is 80% of a restore: once per distinct policy
-        key: Any = tuple(sorted(options.items()))
-        policy = policies.get(key)
-    except TypeError:  # an unhashable option value: no sharing for this one
-        key, policy = None, None
-    if policy is None:
-        policy = DEFAULT_POLICY.updated(options)
-        if key is not None and len(policies) < 10_000:
-            policies[key] = policy
-    c = _Conn((item["scope"], item["connection"]), policy, item["registered_at"], 0, "")
-    (  # the order of _DUMPED_FIELDS; one itemgetter call instead of 15 setattr calls
-        c.state, c.failure_count, c.probe_successes, c.reopen_level, c.opened_at,
-        c.open_until, c.held, c.registered_at, c.last_activity, c.last_success,
-        c.last_failure, c.metadata, c.seq, c.timer_gen, c.id_base,
-    ) = _GET_DUMPED(item)
-    c.leases = dict(item["leases"]) or None
-    if item["window"] is not None:
-        c.window = deque(item["window"], maxlen=policy.window_size)
-    return c
-
-
 def _check_expiry(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PolicyError("expiry_ms", value, "must be a positive integer or null")
     return value
+
+
+def _invalid_option(exc: PolicyError) -> Result:
+    return Result(INVALID, [], f"invalid option {exc.field}={exc.value!r}: {exc.problem}")
+
+
+def _mode_refuses(c: Conn, op: str) -> Result:
+    """``open`` needs mode normal (the other modes never open or are open already);
+    ``close``/``reset`` are refused only in forced_open, which holds until changed."""
+    done = {"open": "opened", "close": "closed", "reset": "reset"}[op]
+    return Result(
+        INVALID,
+        [],
+        f"refused in mode={c.mode}: {_where(c.key)} cannot be {done} by hand "
+        "(configure its mode first)",
+    )
 
 
 def _name(cmd: CommandLike) -> str:

@@ -45,6 +45,12 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
     CONNECTION_REMOVED,
 )
 
+# ``data.reason`` words programs match on: openings by a rate (``data.detail`` has the
+# sentence) and changes of mode. Other reasons stay Brama's sentences ("Threshold exceeded").
+REASON_FAILURE_RATE: Final = "failure_rate"
+REASON_SLOW_CALL_RATE: Final = "slow_call_rate"
+REASON_MODE: Final = "mode"
+
 #: Events published persistent and confirmed before the causing command is acked.
 CRITICAL_EVENTS: Final = frozenset(
     {STATE_CHANGE, CIRCUIT_OPENED, CIRCUIT_CLOSED, CIRCUIT_HALF_OPENED, CIRCUIT_RESET}

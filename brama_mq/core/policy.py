@@ -1,7 +1,9 @@
 """Per-connection breaker policy: defaults, validation, partial updates.
 
 Policies are immutable and interned, so 100k connections registered with the same
-options share one object (that is most of why an idle connection costs < 1 KB).
+options share one object (that is most of why an idle connection costs < 1 KB). The
+operating mode and the options of one outcome report are checked here too: they are
+validated like policy options but kept on the connection, or not kept at all.
 """
 
 from __future__ import annotations
@@ -17,6 +19,24 @@ CONSECUTIVE: Final = "consecutive"
 FAILURE_RATE: Final = "failure_rate"
 FIXED: Final = "fixed"
 EXPONENTIAL: Final = "exponential"
+#: Window types of the failure-rate strategy: the last N calls, or the last N seconds.
+COUNT: Final = "count"
+TIME: Final = "time"
+
+# Operating modes (``configure``/``register`` option ``mode``; kept on the connection).
+NORMAL: Final = "normal"
+DISABLED: Final = "disabled"  # every call allowed, outcomes recorded, no transitions
+FORCED_OPEN: Final = "forced_open"  # every call refused, no expiry, until the mode changes
+METRICS_ONLY: Final = "metrics_only"  # outcomes and events as usual, never opens
+MODES: Final = (NORMAL, DISABLED, FORCED_OPEN, METRICS_ONLY)
+
+#: Largest ``min_reporters``, and how many distinct reporters a connection remembers per
+#: kind of failure (see core/window.py): a quorum up to this size is decided exactly.
+MAX_REPORTERS: Final = 64
+#: Longest ``reporter`` name of an outcome report.
+MAX_REPORTER_CHARS: Final = 200
+#: Longest time window.
+MAX_WINDOW_SECONDS: Final = 3600
 
 _DAY_MS: Final = 24 * 60 * 60 * 1000
 #: Largest millisecond value accepted anywhere (about 292 years): keeps deadlines finite.
@@ -43,6 +63,11 @@ class Policy:
     window_size: int = 100
     minimum_calls: int | None = None  # None: window_size
     failure_rate_threshold: float = 50.0
+    slow_call_ms: int | None = None  # None: no call counts as slow
+    slow_call_rate_threshold: float = 100.0
+    window_type: str = COUNT
+    window_seconds: int = 60
+    min_reporters: int = 1
 
     @property
     def effective_max_expiry_ms(self) -> int:
@@ -71,7 +96,7 @@ class Policy:
         """A copy with ``options`` applied; every other field is kept. Validates the result."""
         changes: dict[str, Any] = {}
         for name, value in options.items():
-            if name == "metadata":
+            if name == "metadata" or name == "mode":
                 continue  # kept on the connection, not in the shared policy
             check = _CHECKS.get(name)
             if check is None:
@@ -86,7 +111,11 @@ class Policy:
             raise PolicyError(
                 "max_expiry_ms", self.max_expiry_ms, f"must be >= expiry_ms ({self.expiry_ms})"
             )
-        if self.minimum_calls is not None and self.minimum_calls > self.window_size:
+        if (
+            self.minimum_calls is not None
+            and self.window_type == COUNT
+            and self.minimum_calls > self.window_size
+        ):  # a time window holds any number of calls
             raise PolicyError(
                 "minimum_calls", self.minimum_calls, f"must be <= window_size ({self.window_size})"
             )
@@ -150,10 +179,16 @@ _CHECKS: Final[dict[str, Any]] = {
     "window_size": _int_in(1, 100_000),
     "minimum_calls": _optional(_int_in(1, 100_000)),
     "failure_rate_threshold": _float_in(0.0, 100.0, low_open=True),
+    "slow_call_ms": _optional(_int_in(1)),
+    "slow_call_rate_threshold": _float_in(0.0, 100.0, low_open=True),
+    "window_type": _choice({COUNT: COUNT, TIME: TIME}),
+    "window_seconds": _int_in(1, MAX_WINDOW_SECONDS),
+    "min_reporters": _int_in(1, MAX_REPORTERS),
 }
 
-#: Option names accepted by register/configure (besides ``metadata``).
-OPTION_NAMES: Final[tuple[str, ...]] = (*_CHECKS, "metadata")
+#: Option names accepted by register/configure (``metadata`` and ``mode`` are kept on the
+#: connection; ``configure`` of the defaults refuses ``mode``).
+OPTION_NAMES: Final[tuple[str, ...]] = (*_CHECKS, "metadata", "mode")
 
 _INTERNED: dict[Policy, Policy] = {}
 
@@ -166,6 +201,46 @@ def intern_policy(policy: Policy) -> Policy:
     if len(_INTERNED) < 10_000:
         _INTERNED[policy] = policy
     return policy
+
+
+def check_mode(value: Any) -> str:
+    """The mode named by ``value`` (the interned constant), or PolicyError naming ``mode``."""
+    if isinstance(value, str) and value in MODES:
+        return MODES[MODES.index(value)]
+    raise PolicyError("mode", _shown(value), f"must be one of {', '.join(MODES)}")
+
+
+def check_duration(value: Any) -> float | int:
+    """``duration_ms`` of an outcome: a finite number >= 0 (ms), at most MAX_MS."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError("duration_ms", _shown(value), "must be a number >= 0")
+    if not 0 <= value <= MAX_MS:  # NaN fails both comparisons
+        raise PolicyError("duration_ms", _shown(value), f"must be between 0 and {MAX_MS}")
+    return value
+
+
+def check_reporter(value: Any) -> str:
+    """``reporter`` of an outcome: a non-empty name of at most MAX_REPORTER_CHARS."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_REPORTER_CHARS:
+        raise PolicyError(
+            "reporter",
+            _shown(value),
+            f"must be a non-empty string of at most {MAX_REPORTER_CHARS} characters",
+        )
+    return value
+
+
+def _shown(value: Any) -> Any:
+    """``value`` itself, or its repr cut short: an error reason lands in a header."""
+    text = repr(value)
+    return value if len(text) <= 60 else _Cut(text[:57] + "...")
+
+
+class _Cut(str):
+    """A repr already shortened: shown as it is, without another layer of quotes."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def check_metadata(value: Any) -> dict[str, Any] | None:

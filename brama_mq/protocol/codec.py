@@ -623,12 +623,25 @@ def report_body(
     now_ms: int,
     lease: str | None = None,
     count: int = 1,
+    duration_ms: float | None = None,
+    reporter: str | None = None,
 ) -> bytes:
     """:func:`command_body` of an outcome report (the guards' outbox), byte for byte,
     without building its options: ``options`` is ``{"lease": lease}`` with a lease,
     else ``{"count": count}`` when ``count != 1``, else empty. Same head cache, same
     layout (a test pins the equality); anything unusual goes through
-    :func:`command_body`, so errors are the same."""
+    :func:`command_body`, so errors are the same. ``duration_ms`` and ``reporter``, when
+    given, follow in the options (the owner checks them: a number >= 0, a name of 1..200
+    characters); such a report goes through :func:`command_body` (still no pydantic)."""
+    if duration_ms is not None or reporter is not None:
+        extended: dict[str, Any] = (
+            {"lease": lease} if lease else {"count": count} if count != 1 else {}
+        )
+        if duration_ms is not None:
+            extended["duration_ms"] = duration_ms
+        if reporter is not None:
+            extended["reporter"] = reporter
+        return command_body(op, connection, scope, reason, extended, now_ms=now_ms)[0]
     head = _cached_head(op, scope, connection)
     if (
         head

@@ -192,6 +192,46 @@ class Event(BaseModel):
         value = self.data.get("failure_count")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
+    @property
+    def mode(self) -> str:
+        """The connection's operating mode: ``data.mode``, which owners send whenever it
+        is not ``normal`` (and on every change of mode)."""
+        return self._data_str("mode") or "normal"
+
+    @property
+    def detail(self) -> str | None:
+        """The sentence behind a machine-word ``reason`` (e.g. ``failure_rate``)."""
+        return self._data_str("detail")
+
+    @property
+    def slow(self) -> bool:
+        """Whether a success/failure was slower than the policy's ``slow_call_ms``."""
+        return self.data.get("slow") is True
+
+    @property
+    def reporters(self) -> list[str]:
+        """Reporters whose failures opened the circuit (``data.reporters``; newest last)."""
+        value = self.data.get("reporters")
+        if not isinstance(value, list):
+            return []
+        return [name for name in value if isinstance(name, str)]
+
+    def _data_rate(self, name: str) -> float | None:
+        value = self.data.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value)
+
+    @property
+    def failure_rate(self) -> float | None:
+        """Percent failed over the window (``data.failure_rate``), if the event says."""
+        return self._data_rate("failure_rate")
+
+    @property
+    def slow_call_rate(self) -> float | None:
+        """Percent slow over the window (``data.slow_call_rate``), if the event says."""
+        return self._data_rate("slow_call_rate")
+
 
 class Reply(BaseModel):
     """An answer of the owner's RPC; ``events`` are wire-shaped event dicts."""
