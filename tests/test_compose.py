@@ -140,7 +140,7 @@ def test_prometheus_scrapes_every_metrics_endpoint_and_the_dashboard_asks_for_ou
                 "brama_confirm_latency_seconds_bucket", "brama_owner_active",
                 "brama_guard_checks_total", "brama_circuitbreaker_calls_total",
                 "brama_circuitbreaker_failure_rate", "brama_circuitbreaker_slow_call_rate",
-                "brama_circuitbreaker_calls_seconds_bucket"}
+                "brama_circuitbreaker_calls_seconds_bucket", "brama_circuit_mode"}
     asked = {m for p in dashboard["panels"] for t in p["targets"]
              for m in re.findall(r"brama_[a-z_]+", t["expr"])}
     assert asked == exported, asked ^ exported
@@ -152,7 +152,7 @@ def test_prometheus_scrapes_every_metrics_endpoint_and_the_dashboard_asks_for_ou
     for p in dashboard["panels"]:
         for t in p["targets"]:
             for series in re.findall(r"(brama_[a-z_]+)(\{[^}]*\})?", t["expr"]):
-                if series[0] in ("brama_circuit_state", "brama_failure_count",
+                if series[0] in ("brama_circuit_state", "brama_failure_count", "brama_circuit_mode",
                                  "brama_guard_checks_total", "brama_circuitbreaker_calls_total"):
                     assert '$scope' in series[1] and '$connection' in series[1], t["expr"]
 

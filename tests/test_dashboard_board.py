@@ -127,3 +127,20 @@ def test_a_page_that_does_not_keep_up_is_dropped() -> None:
         assert await fast.queue.get() is None
 
     asyncio.run(scenario())
+
+
+def test_feed_names_the_mode_and_the_rate_sentence() -> None:
+    """A mode change's feed line names the mode; a failure-rate opening shows the
+    sentence (data.detail), not only the machine word."""
+    from brama_mq.dashboard.board import _detail
+    from brama_mq.protocol import Event as WireEvent
+
+    def ev(**data: object) -> WireEvent:
+        return WireEvent.model_validate({
+            "v": 1, "event": "state_change", "timestamp": 1, "connection": "api",
+            "scope": "pay", "id": "x", "seq": 1, "epoch": 1, "data": data})
+
+    assert _detail(ev(previous_state="closed", new_state="closed", reason="mode",
+                      mode="metrics_only")) == "closed -> closed (mode metrics_only)"
+    assert _detail(ev(previous_state="closed", new_state="open", reason="failure_rate",
+                      detail="Failure rate 60.0% >= 50%")).endswith("(Failure rate 60.0% >= 50%)")

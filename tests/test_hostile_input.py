@@ -181,10 +181,33 @@ def wrong_field_type(draw: st.DrawFn) -> Hostile:
 def wrong_option(draw: st.DrawFn) -> Hostile:
     """A register whose policy options are of the wrong type or out of range."""
     option = draw(st.sampled_from(
-        ["max_attempts", "expiry_ms", "half_open_permits", "success_threshold", "backoff"]))
+        ["max_attempts", "expiry_ms", "half_open_permits", "success_threshold", "backoff",
+         "slow_call_ms", "slow_call_rate_threshold", "window_seconds", "min_reporters",
+         "window_type", "mode"]))
     value = draw(st.one_of(st.text(min_size=1, max_size=4), st.integers(max_value=-1),
                            st.lists(st.integers(), max_size=2)))
-    return Hostile(_dumps(_good(options={option: value})), DEAD, f"option:{option}")
+    if option in ("window_type", "mode") and isinstance(value, str):
+        value = "x" + value  # no valid word starts with "x"
+    return Hostile(_dumps(_good(options={option: value})), DEAD, f"option:{option}",
+                   reason_word=option)
+
+
+@st.composite
+def wrong_outcome_option(draw: st.DrawFn) -> Hostile:
+    """A success or failure with a bad duration_ms or reporter: refused naming the option
+    (before the connection is looked up, so an unregistered name makes no difference)."""
+    option = draw(st.sampled_from(["duration_ms", "reporter"]))
+    if option == "duration_ms":
+        value: Any = draw(st.one_of(st.integers(max_value=-1),
+                                    st.floats(max_value=-0.001, allow_nan=False,
+                                              allow_infinity=False),
+                                    st.text(max_size=3), st.lists(st.integers(), max_size=2)))
+    else:
+        value = draw(st.one_of(st.just(""), st.text(min_size=201, max_size=210),
+                               st.integers(), st.lists(st.text(), max_size=2)))
+    op = draw(st.sampled_from(["success", "failure"]))
+    return Hostile(_dumps(_good(op, options={option: value})), DEAD, f"outcome:{option}",
+                   reason_word=option)
 
 
 @st.composite
@@ -270,7 +293,8 @@ def seed_batch() -> list[Hostile]:
 
 hostile = st.one_of(
     good_commands(), arbitrary_bytes(), non_utf8(), wrong_content_type(), deep_json(),
-    huge_json(), wrong_field_type(), wrong_option(), unknown_version_or_op(),
+    huge_json(), wrong_field_type(), wrong_option(), wrong_outcome_option(),
+    unknown_version_or_op(),
     names_at_limits(), bad_names(), odd_properties(), st.builds(
         lambda v: Hostile(_dumps(v), DEAD, "not-an-object"),
         st.one_of(json_leaf, st.lists(json_value, max_size=3))),

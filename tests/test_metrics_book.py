@@ -54,3 +54,40 @@ def test_seed_takes_rates_from_status_rows() -> None:
     book.seed([{"scope": None, "connection": "db", "state": "closed", "failure_count": 1,
                 "failure_rate": 25.0, "slow_call_rate": None}])
     assert book.rate_rows() == [("", "db", "failure_rate", 25.0)]
+
+
+MODE_CASES = [
+    ("a breaker starts in normal mode", [], "normal"),
+    ("a mode change sets it", [_event("state_change", mode="forced_open", reason="mode")],
+     "forced_open"),
+    ("events of a breaker in a mode keep it",
+     [_event("state_change", mode="disabled"), _event("failure", mode="disabled")], "disabled"),
+    ("back to normal", [_event("state_change", mode="metrics_only"),
+                        _event("state_change", mode="normal", previous_mode="metrics_only")],
+     "normal"),
+]
+
+
+@pytest.mark.parametrize(("events", "mode"), [c[1:] for c in MODE_CASES],
+                         ids=[c[0] for c in MODE_CASES])
+def test_mode_follows_the_events(events: list[Event], mode: str) -> None:
+    """What brama_circuit_mode shows as the current mode after these events."""
+    book = CircuitBook()
+    book.seed([{"scope": "pay", "connection": "api", "state": "closed", "failure_count": 0}])
+    for event in events:
+        book.apply(event)
+    assert book.mode_of("pay", "api") == mode
+
+
+def test_prometheus_exports_the_mode_gauge() -> None:
+    """brama_circuit_mode{scope,connection,mode} is 1 for the current mode only."""
+    from prometheus_client import generate_latest
+
+    from brama_mq.metrics.prometheus import OwnerMetrics
+
+    metrics = OwnerMetrics()
+    metrics.book.seed([{"scope": None, "connection": "db", "state": "open",
+                        "failure_count": 0, "mode": "forced_open"}])
+    text = generate_latest(metrics.registry).decode()
+    assert 'brama_circuit_mode{connection="db",mode="forced_open",scope=""} 1.0' in text
+    assert 'brama_circuit_mode{connection="db",mode="normal",scope=""} 0.0' in text

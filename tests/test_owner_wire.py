@@ -265,6 +265,12 @@ BAD: list[tuple[str, bytes | str, dict[str, Any], str]] = [
     ("wrong content type", b"<xml/>", {"content_type": "application/xml"}, "content"),
     ("bad policy", _good("register", "badpolicy", options={"max_attempts": 0}), {}, "max_attempts"),
     ("not registered", _good("success", "ghost"), {}, "not registered"),
+    ("negative duration", _good("success", "ghost", options={"duration_ms": -1}), {},
+     "duration_ms"),
+    ("empty reporter", _good("failure", "ghost", options={"reporter": ""}), {}, "reporter"),
+    ("unknown mode", _good("register", "badmode", options={"mode": "paused"}), {}, "mode"),
+    ("no reporters", _good("register", "badq", options={"min_reporters": 0}), {},
+     "min_reporters"),
 ]
 
 

@@ -65,7 +65,9 @@ def _mode(value: Any) -> str:
 
 def _detail(event: Event) -> str:
     if event.new_state is not None:
-        reason = f" ({event.reason})" if event.reason else ""
+        # a mode change names the mode; a rate opening its sentence (data.detail)
+        why = f"mode {event.mode}" if event.reason == "mode" else event.detail or event.reason
+        reason = f" ({why})" if why else ""
         return f"{event.previous_state} -> {event.new_state}{reason}"
     if event.reason:
         return event.reason

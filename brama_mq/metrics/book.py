@@ -13,7 +13,7 @@ from typing import Any
 
 from brama_mq.core.events import CLOSED, HALF_OPEN, OPEN
 
-__all__ = ["ACTIVE_WINDOW_S", "CALL_KINDS", "RATES", "STATES", "CircuitBook"]
+__all__ = ["ACTIVE_WINDOW_S", "CALL_KINDS", "MODES", "RATES", "STATES", "CircuitBook"]
 
 STATES = (CLOSED, OPEN, HALF_OPEN)
 #: ``kind`` label values of the per-breaker call counter, as Resilience4j names them
@@ -21,6 +21,8 @@ STATES = (CLOSED, OPEN, HALF_OPEN)
 CALL_KINDS = ("successful", "failed", "slow")
 #: Rates an event or a status row may carry, in percent over the breaker's window.
 RATES = ("failure_rate", "slow_call_rate")
+#: Operating modes (``configure`` option ``mode``); a breaker without one is ``normal``.
+MODES = ("normal", "disabled", "forced_open", "metrics_only")
 #: An owner without a journal (which cannot tell whether it is active: see
 #: ``CircuitBook.active``) counts as active while it received a delivery this recently. Under
 #: single-active-consumer only the active owner gets deliveries; the owner probe
@@ -40,6 +42,8 @@ class CircuitBook:
         #: (scope, connection) -> {"failure_rate": %, "slow_call_rate": %}, as last seen
         #: (only breakers whose strategy keeps a window report rates).
         self.rates: dict[tuple[str, str], dict[str, float]] = {}
+        #: (scope, connection) -> mode, for breakers not in ``normal`` mode.
+        self.modes: dict[tuple[str, str], str] = {}
         self.events: dict[str, int] = {}
         self.commands: dict[tuple[str, str], int] = {}
         self.dead_letters: dict[str, int] = {}
@@ -64,6 +68,7 @@ class CircuitBook:
             key = (self.scope_label(row.get("scope")), str(row["connection"]))
             self.circuits[key] = (str(row["state"]), int(row.get("failure_count") or 0))
             self._note_rates(key, row)
+            self._note_mode(key, row.get("mode"))
 
     def apply(self, event: Any) -> None:
         """Count one event and follow it (its ``data`` has the state and failure count)."""
@@ -75,6 +80,7 @@ class CircuitBook:
         if name == "connection_removed":
             self.circuits.pop(key, None)
             self.rates.pop(key, None)
+            self.modes.pop(key, None)
             for each in CALL_KINDS:
                 self.calls.pop((*key, each), None)
             return
@@ -88,6 +94,8 @@ class CircuitBook:
                 slow = (*key, "slow")
                 calls[slow] = calls.get(slow, 0) + n
             self._note_rates(key, data)
+        if "mode" in data:  # every event of a breaker not in normal mode, and mode changes
+            self._note_mode(key, data["mode"])
         state = data.get("state") or data.get("new_state")
         if state is not None:
             self.circuits[key] = (state, data.get("failure_count") or 0)
@@ -97,6 +105,15 @@ class CircuitBook:
                  if isinstance(values.get(name), (int, float))}
         if found:
             self.rates[key] = found
+
+    def _note_mode(self, key: tuple[str, str], mode: Any) -> None:
+        if isinstance(mode, str) and mode != "normal":
+            self.modes[key] = mode
+        else:
+            self.modes.pop(key, None)
+
+    def mode_of(self, scope: str, connection: str) -> str:
+        return self.modes.get((scope, connection), "normal")
 
     def call_counts(self) -> list[tuple[str, str, str, int]]:
         """``(scope, connection, kind, n)`` for every breaker and outcome seen."""

@@ -5,6 +5,7 @@ The same figures as :mod:`brama_mq.metrics.prometheus`, named the same without t
 counters ``brama_events{event}``, ``brama_commands{op,result}``,
 ``brama_dead_letters{reason}``; histogram ``brama_confirm_latency`` (unit ``s``);
 observable gauges ``brama_circuit_state{scope,connection,state}``,
+``brama_circuit_mode{scope,connection,mode}``,
 ``brama_failure_count{scope,connection}``, ``brama_owner_active``,
 ``brama_circuitbreaker_failure_rate`` and ``brama_circuitbreaker_slow_call_rate``
 ``{scope,connection}``; counter ``brama_circuitbreaker_calls{scope,connection,kind}``.
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from brama_mq.metrics.book import RATES, STATES
+from brama_mq.metrics.book import MODES, RATES, STATES
 from brama_mq.metrics.sink import OwnerSink
 
 __all__ = ["OtelOwnerMetrics"]
@@ -59,6 +60,13 @@ class OtelOwnerMetrics(OwnerSink):
                 for name in STATES:
                     yield Observation(1 if name == current else 0,
                                       {"scope": scope, "connection": connection, "state": name})
+
+        def modes(_: CallbackOptions) -> Iterable[Observation]:
+            for scope, connection, _state, _count in book.rows():
+                current = book.mode_of(scope, connection)
+                for name in MODES:
+                    yield Observation(1 if name == current else 0,
+                                      {"scope": scope, "connection": connection, "mode": name})
 
         def failures(_: CallbackOptions) -> Iterable[Observation]:
             for scope, connection, _state, count in book.rows():
@@ -97,6 +105,8 @@ class OtelOwnerMetrics(OwnerSink):
                                           unit="%", description=f"{name} over the window")
         meter.create_observable_gauge("brama_circuit_state", [states],
                                       description="1 for the current state, 0 for the others")
+        meter.create_observable_gauge("brama_circuit_mode", [modes],
+                                      description="1 for the current mode, 0 for the others")
         meter.create_observable_gauge("brama_failure_count", [failures],
                                       description="The connection's failure count")
         meter.create_observable_gauge("brama_owner_active", [active],

@@ -3,6 +3,9 @@
 =====================================================  =====================================
 ``brama_circuit_state{scope,connection,state}``        1 for the current state, 0 for the
                                                        others (``scope=""``: unscoped)
+``brama_circuit_mode{scope,connection,mode}``          1 for the current operating mode
+                                                       (``normal``, ``disabled``,
+                                                       ``forced_open``, ``metrics_only``)
 ``brama_failure_count{scope,connection}``              the connection's failure count
 ``brama_circuitbreaker_calls_total{scope,connection,    outcomes reported to the owner, by
 kind}``                                                 Resilience4j's kinds ``successful``,
@@ -30,7 +33,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from brama_mq.metrics.book import RATES, STATES, CircuitBook
+from brama_mq.metrics.book import MODES, RATES, STATES, CircuitBook
 from brama_mq.metrics.probe import OwnerProbe
 from brama_mq.metrics.sink import OwnerSink
 
@@ -68,10 +71,17 @@ class _BookCollector:
             "brama_failure_count", "The connection's failure count",
             labels=["scope", "connection"],
         )
+        mode = GaugeMetricFamily(
+            "brama_circuit_mode", "1 for the circuit's current operating mode, 0 for the others",
+            labels=["scope", "connection", "mode"],
+        )
         for scope, connection, current, count in book.rows():
             for name in STATES:
                 state.add_metric([scope, connection, name], 1.0 if name == current else 0.0)
             failures.add_metric([scope, connection], float(count))
+            now_mode = book.mode_of(scope, connection)
+            for name in MODES:
+                mode.add_metric([scope, connection, name], 1.0 if name == now_mode else 0.0)
         active = GaugeMetricFamily(
             "brama_owner_active", "1 on the active owner (it receives commands), 0 on standbys"
         )
@@ -108,7 +118,7 @@ class _BookCollector:
         }
         for scope, connection, name, percent in book.rate_rows():
             rates[name].add_metric([scope, connection], percent)
-        yield from (state, failures, active, events, commands, dead, calls, *rates.values())
+        yield from (state, mode, failures, active, events, commands, dead, calls, *rates.values())
 
 
 class OwnerMetrics(OwnerSink):
