@@ -1,4 +1,4 @@
-"""Settings shared by the worker, clients and the CLI (docs/operations.md lists them).
+"""Settings shared by the worker, clients and the CLI (docs/protocol.md, "Settings").
 
 Environment variables are part of the contract; flags override them.
 """
@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
-from brama_mq.errors import BramaError
+from brama_mq.core.policy import check_reporter
+from brama_mq.errors import BramaError, PolicyError
 
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@127.0.0.1:5672//"
 #: The embedded, in-process transport (no broker): what the demo runs on.
@@ -103,6 +104,9 @@ class Settings:
     #: noticed after about two of them, and the owner's lease is half of one
     #: (docs/operations.md, "Running on a cluster").
     heartbeat: float = 10.0
+    #: Who this process's outcome reports say they come from (``options.reporter``, for a
+    #: policy's ``min_reporters``); None: ``<host>:<pid>``, computed in each process.
+    reporter: str | None = None
 
     def __post_init__(self) -> None:
         check_broker_url(self.broker_url)
@@ -138,6 +142,11 @@ class Settings:
             )
         if not isinstance(self.tls_verify, bool):
             raise SettingsError(f"tls_verify must be true or false, got {self.tls_verify!r}")
+        if self.reporter is not None:
+            try:
+                check_reporter(self.reporter)
+            except PolicyError as exc:
+                raise SettingsError(f"reporter {exc.value!r} {exc.problem}") from None
 
     @property
     def tls(self) -> bool:
@@ -205,6 +214,7 @@ class Settings:
             ("tls_verify", "BRAMA_TLS_VERIFY", _flag),
             ("client_buffer", "BRAMA_CLIENT_BUFFER", int),
             ("heartbeat", "BRAMA_HEARTBEAT", float),
+            ("reporter", "BRAMA_REPORTER", str),
         ):
             raw = env.get(var)
             if raw is None or raw == "" or overrides.get(field) is not None:

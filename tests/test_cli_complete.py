@@ -18,9 +18,9 @@ from brama_mq.transport import Transport
 from tests.worker_proc import ROOT
 
 COMMANDS = ["worker", "demo", "watch", "status", "register", "unregister", "open", "close",
-            "reset", "configure", "completion"]
+            "reset", "configure", "mode", "completion"]
 PRINTS_DATA = ["demo", "watch", "status", "register", "unregister", "open", "close", "reset",
-               "configure"]
+               "configure", "mode"]
 
 
 def test_every_command_exists_with_examples_in_its_help() -> None:

@@ -149,7 +149,7 @@ def test_one_way_to_write_a_breaker_a_password_and_a_count() -> None:
 
 
 @pytest.mark.parametrize("command", ["status", "register", "configure", "open", "close",
-                                     "reset", "unregister", "worker", "watch", "demo"])
+                                     "reset", "unregister", "mode", "worker", "watch", "demo"])
 def test_help_explains_every_option_and_types_numbers(command: str) -> None:
     """Every option has help text, and options that take seconds or counts do not show
     as TEXT in --help."""

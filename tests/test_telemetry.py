@@ -78,7 +78,8 @@ def test_owner_emits_start_batch_event_confirm_dead_letter_stop(
         client.failure("api", scope="pay", reason="t1", wait=True)
         client.failure("api", scope="pay", reason="t2", wait=True)
         with pytest.raises(Exception, match="not registered"):
-            client.success("nope", wait=True)
+            client.success("nope", wait=True)  # answered: not a dead letter
+        client.success("nope")  # posted, nobody told: dead-lettered
         client.status("api", scope="pay")
         memory_transport.client_link().send(b"{not json", "owner")
         client.status("api", scope="pay")  # after the bad one: its batch was handled
@@ -98,7 +99,7 @@ def test_owner_emits_start_batch_event_confirm_dead_letter_stop(
                 ops[key] = ops.get(key, 0) + n
     assert ops[("register", "applied")] == 1
     assert ops[("failure", "applied")] == 2
-    assert ops[("success", "not_registered")] == 1
+    assert ops[("success", "not_registered")] == 2
     assert ops[("status", "query")] == 2
 
     events = [md["event"].event for n, _, md in seen if n[-1] == "event"]

@@ -22,6 +22,11 @@ Settings, from the Celery app's configuration:
 ``brama_view_max_staleness``          seconds (default 30)
 ``brama_view_startup_timeout``        seconds the first check waits for the view (default 5)
 ``brama_outbox_size``                 reports buffered while the broker is away (default 10,000)
+``brama_reporter``                    the ``reporter`` of this worker's outcome reports (for
+                                      ``min_reporters``); default ``BRAMA_REPORTER``, else
+                                      ``<worker hostname>:<pid>`` (``celery@web-1:4711``),
+                                      each pool process its own; a fixed name makes every
+                                      process using it one reporter (e.g. one per host)
 ``brama_client``                      a ready :class:`~brama_mq.client.Brama` to use instead
                                       (tests, embedding: e.g. one on a ``MemoryTransport``)
 ``brama_metrics_port``                serve ``brama_guard_checks_total`` on this port from the
@@ -48,6 +53,8 @@ from celery.signals import (
 from brama_mq.client.brama import Brama
 from brama_mq.client.guard import GuardRuntime, runtime_for
 from brama_mq.client.local_view import _ORPHANS, FAIL_MODES
+from brama_mq.core.policy import MAX_REPORTER_CHARS, check_reporter
+from brama_mq.errors import PolicyError
 from brama_mq.metrics.guard import GUARD_CHECKS
 from brama_mq.settings import Settings, SettingsError
 from brama_mq.transport import Topology, open_transport
@@ -69,6 +76,18 @@ _GUARDS_DEFINED = threading.Event()
 #: Set in the worker's main process when it sends task events (``-E``,
 #: ``worker_send_task_events``), before the pool forks: prefork children inherit it.
 TASK_EVENTS = threading.Event()
+#: The worker's node name (``celery@host``), noted in its main process before the pool
+#: forks (children inherit it); None outside a worker.
+_WORKER_NAME: list[str] = []
+
+
+def worker_reporter() -> str | None:
+    """``<worker node name>:<pid>`` in a Celery worker's process (None outside one):
+    the default reporter of guarded tasks, one per pool process."""
+    if not _WORKER_NAME:
+        return None
+    pid = str(os.getpid())
+    return f"{_WORKER_NAME[0][: MAX_REPORTER_CHARS - len(pid) - 1]}:{pid}"
 
 
 def _conf(app: Any, name: str, default: Any = None) -> Any:
@@ -145,6 +164,12 @@ def app_settings(app: Any) -> dict[str, Any]:
             "brama_view_max_staleness must be > 0, brama_view_startup_timeout >= 0 and "
             "brama_outbox_size >= 1"
         )
+    reporter = app.conf.get("brama_reporter")
+    if reporter is not None:
+        try:
+            check_reporter(reporter)
+        except PolicyError as exc:
+            raise SettingsError(f"brama_reporter {exc.value!r} {exc.problem}") from None
     client = app.conf.get("brama_client")
     if client is not None:
         settings = client.settings
@@ -162,6 +187,7 @@ def app_settings(app: Any) -> dict[str, Any]:
         "max_staleness": staleness,
         "startup_timeout": startup,
         "outbox_size": outbox,
+        "reporter": reporter,
     }
 
 
@@ -178,6 +204,10 @@ def runtime_for_app(app: Any, *, wait: bool = True) -> GuardRuntime:
         settings: Settings = options.pop("settings")
         client = app.conf.get("brama_client")
         owns = client is None
+        # brama_reporter, else BRAMA_REPORTER (in the settings), else (in a worker) the
+        # node name and pid; a client handed in keeps its own unless brama_reporter says.
+        if options["reporter"] is None and client is None and settings.reporter is None:
+            options["reporter"] = worker_reporter()
         if client is None:
             transport = open_transport(
                 settings.broker_url,
@@ -255,6 +285,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         TASK_EVENTS.set()
     else:
         TASK_EVENTS.clear()
+    hostname = getattr(sender, "hostname", None)
+    _WORKER_NAME[:] = [hostname] if isinstance(hostname, str) and hostname else []
     app = getattr(sender, "app", None)
     raw = (app.conf.get("brama_metrics_port") if app is not None else None) or os.environ.get(
         "BRAMA_METRICS_PORT"

@@ -17,7 +17,10 @@ Before the body runs, the task's circuit is checked in this process's local view
 
 After the body: a success, or an exception in ``record`` (reason ``"<type>: <message>"``),
 is reported to the owner through the process's outbox (never raising into the task, and
-buffered while the broker is away); an exception in ``ignore`` reports nothing.
+buffered while the broker is away) with the body's ``duration_ms`` (timed in the worker
+process with ``time.monotonic()``, the measurement the call-duration histogram gets too)
+and the process's reporter (``brama_reporter``, see :mod:`brama_mq.celery.runtime`); an
+exception in ``ignore`` reports nothing.
 Celery's own control-flow exceptions keep their meaning and are re-raised untouched:
 ``Retry`` reports the exception it carries (``self.retry(exc=...)`` and
 ``autoretry_for`` are failures of the service) and nothing when it carries none;
@@ -137,7 +140,7 @@ class GuardSpec:
         except Retry as exc:
             cause = exc.exc
             if isinstance(cause, BaseException):
-                guard.settle(admission, cause)
+                guard.settle(admission, cause, (time.monotonic() - started) * 1000.0)
             else:
                 guard.release(admission)
             raise
@@ -145,15 +148,15 @@ class GuardSpec:
             guard.release(admission)
             raise
         except BaseException as exc:
-            guard.settle(admission, exc)
+            elapsed = time.monotonic() - started
+            guard.settle(admission, exc, elapsed * 1000.0)
             if GUARD_CHECKS.on:
-                GUARD_CHECKS.observe_call(self.connection, False, time.monotonic() - started,
-                                          self.scope)
+                GUARD_CHECKS.observe_call(self.connection, False, elapsed, self.scope)
             raise
-        guard.settle(admission, None)
+        elapsed = time.monotonic() - started
+        guard.settle(admission, None, elapsed * 1000.0)
         if GUARD_CHECKS.on:
-            GUARD_CHECKS.observe_call(self.connection, True, time.monotonic() - started,
-                                      self.scope)
+            GUARD_CHECKS.observe_call(self.connection, True, elapsed, self.scope)
         return result
 
     def refuse(self, task: Any, guard: Guard, admission: Admission) -> Any:

@@ -15,12 +15,13 @@ from contextlib import contextmanager, suppress
 from typing import Any, NoReturn, TypeVar
 
 import click
+from click.shell_completion import CompletionItem
 from rich.console import Console
 from rich.table import Table
 
 from brama_mq.cli.options import shards_option, tls_options
 from brama_mq.client.brama import Applied, Brama
-from brama_mq.core.policy import OPTION_NAMES
+from brama_mq.core.policy import MODES, OPTION_NAMES
 from brama_mq.errors import (
     BramaError,
     CommandRejectedError,
@@ -30,6 +31,7 @@ from brama_mq.errors import (
     PolicyError,
     RequestTimeoutError,
     TransportError,
+    breaker_name,
     plural,
 )
 from brama_mq.settings import Settings, SettingsError
@@ -187,7 +189,8 @@ def status(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """A table of every breaker: state, failures, time left open.
+    """A table of every breaker: state, failures, time left open; its mode when one is
+    not normal, and failure rates when one has a window (--json rows carry them all).
 
     \b
     Examples:
@@ -208,7 +211,12 @@ def status(
         click.echo(f"no breakers{where} (register one: brama-mq register NAME)")
         return
     table = Table(title=plural(len(rows), "breaker"))
-    for column in ("scope", "connection", "state", "failures", "time left open", "policy"):
+    # Columns only some breakers fill in are shown when one does (80 columns go fast).
+    moded = any((row.get("mode") or "normal") != "normal" for row in rows)
+    rated = any(_rate(row, "failure_rate") or _rate(row, "slow_call_rate") for row in rows)
+    columns = ["scope", "connection", "state", *(["mode"] if moded else []), "failures"]
+    columns += ["failure rate"] if rated else []
+    for column in (*columns, "time left open", "policy"):
         table.add_column(column)
     now = time.time() * 1000
     for row in sorted(rows, key=lambda r: (str(r["scope"]), r["connection"])):
@@ -217,15 +225,38 @@ def status(
             until = row.get("open_until")
             left = "until closed" if until is None else f"{max(0, until - now) / 1000:.1f} s"
         policy = row.get("policy", {})
-        table.add_row(
+        cells = [
             str(row["scope"] or "-"),
             row["connection"],
             row["state"],
-            f"{row['failure_count']}/{row['max_attempts']}",
+            *([str(row.get("mode") or "normal")] if moded else []),
+            # consecutive: failures of max_attempts; a window's count stands alone
+            str(row["failure_count"]) if policy.get("strategy") == "failure_rate"
+            else f"{row['failure_count']}/{row['max_attempts']}",
+        ]
+        if rated:
+            cells.append(_rates(row))
+        table.add_row(
+            *cells,
             left,
             f"expiry {policy.get('expiry_ms')} ms, {policy.get('strategy')}",
         )
     Console().print(table)
+
+
+def _rate(row: dict[str, Any], name: str) -> str | None:
+    """A status row's rate (percent over its window) as text, None when it has none."""
+    value = row.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return f"{value:.1f}%"
+
+
+def _rates(row: dict[str, Any]) -> str:
+    """The failure rate, and the slow-call rate when calls are timed, of a status row."""
+    failed, slow = _rate(row, "failure_rate"), _rate(row, "slow_call_rate")
+    parts = ([failed] if failed else []) + ([f"slow {slow}"] if slow else [])
+    return ", ".join(parts) or "-"
 
 
 @click.command()
@@ -356,6 +387,63 @@ def open_(
         _print_applied(client.open(connection, **kwargs), as_json, "open")
 
 
+def _complete_mode(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return [CompletionItem(m) for m in MODES if m.startswith(incomplete)]
+
+
+@click.command(name="mode")
+@click.argument("connection")
+@click.argument("mode", metavar="MODE", shell_complete=_complete_mode)
+@click.option("--scope", default=None, help=_SCOPE_HELP)
+@connection_options
+def mode_(
+    connection: str,
+    mode: str,
+    scope: str | None,
+    broker_url: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Set a connection's operating mode (configure's option mode).
+
+    \b
+    MODE is one of:
+      normal        the breaker follows its policy (the default)
+      disabled      every call allowed, outcomes counted, the circuit never opens
+      forced_open   every call refused until the mode changes (held open)
+      metrics_only  every call allowed, outcomes and events as usual, never opens
+                    (outcomes that would have opened it say so: data.would_open)
+
+    \b
+    Examples:
+      brama-mq mode payment_api forced_open --scope payments
+      brama-mq mode payment_api normal --scope payments --json
+    """
+    if mode not in MODES:
+        _die(f"unknown mode {mode!r}; valid: {', '.join(MODES)}", EXIT_USAGE)
+    with _client(broker_url, prefix, timeout) as client:
+        applied = client.configure(connection, scope=scope, wait=True, mode=mode)
+    if applied is None:
+        return
+    if as_json:
+        _print_applied(applied, as_json, "mode")
+        return
+    name = breaker_name(scope, connection)
+    change = next((e for e in applied.events if e.reason == "mode"), None)
+    if change is None:
+        click.echo(f"mode: {applied.status}; {name} was already {mode} (no events)")
+        return
+    previous = change.data.get("previous_mode", "?")
+    names = ", ".join(applied.event_names)
+    click.echo(
+        f"mode: {applied.status}; {name} mode {previous} -> {change.mode}, state "
+        f"{change.previous_state} -> {change.new_state} ({names})"
+    )
+
+
 ADMIN_COMMANDS: list[click.Command] = [
     status,
     register,
@@ -364,4 +452,5 @@ ADMIN_COMMANDS: list[click.Command] = [
     close,
     reset,
     configure,
+    mode_,
 ]

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from brama_mq.core.events import CLOSED, EVENT_TYPES, HALF_OPEN, OPEN
+from brama_mq.core.events import CLOSED, EVENT_TYPES, HALF_OPEN, OPEN, REASON_MODE
 from brama_mq.core.matcher import topic_matches
 from brama_mq.core.routing import routing_key
 from brama_mq.errors import BramaError, RequestTimeoutError, breaker_name
@@ -38,6 +38,12 @@ class _Row:
     failure_count: int | None
     last_event: str
     at_ms: int | None
+    mode: str = "normal"
+
+    @property
+    def shown_state(self) -> str:
+        """The state, with the mode when it is not normal: ``closed (disabled)``."""
+        return self.state if self.mode == "normal" else f"{self.state} ({self.mode})"
 
 
 class WatchView:
@@ -63,7 +69,7 @@ class WatchView:
                 continue
             self.rows[(scope, connection)] = _Row(
                 scope, connection, str(s.get("state", "?")), s.get("failure_count"),
-                "(snapshot)", None,
+                "(snapshot)", None, str(s.get("mode") or "normal"),
             )
 
     def note(self, event: Event) -> None:
@@ -77,7 +83,7 @@ class WatchView:
         row = self.rows.get(key)
         state = event.state or (row.state if row else "?")
         self.rows[key] = _Row(event.scope, event.connection, state, event.failure_count,
-                              event.event, event.timestamp)
+                              event.event, event.timestamp, event.mode)
 
     def render(self, now_ms: int | None = None) -> Group:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -88,7 +94,7 @@ class WatchView:
             ago = "" if row.at_ms is None else f"{max(0, now_ms - row.at_ms) / 1000:.1f}s"
             states.add_row(
                 row.scope or "-", row.connection,
-                Text(row.state, style=_STYLE.get(row.state, "")),
+                Text(row.shown_state, style=_STYLE.get(row.state, "")),
                 "" if row.failure_count is None else str(row.failure_count),
                 row.last_event, ago,
             )
@@ -107,12 +113,21 @@ class WatchView:
 
 
 def _detail(event: Event) -> str:
+    """What an event says, in a line: a transition with its reason (a rate opening's
+    sentence, ``data.detail``, after the reason word; a change of mode with both modes),
+    a reported failure's reason (``slow`` marked), else the state."""
     if event.new_state is not None:
-        reason = f" ({event.reason})" if event.reason else ""
+        why = event.reason
+        if why == REASON_MODE:
+            why = f"mode {event.data.get('previous_mode', '?')} -> {event.mode}"
+        elif why and event.detail:
+            why = f"{why}: {event.detail}"
+        reason = f" ({why})" if why else ""
         return f"{event.previous_state} -> {event.new_state}{reason}"
+    slow = " [slow]" if event.slow else ""
     if event.reason:
-        return event.reason
-    return "" if event.state is None else event.state
+        return event.reason + slow
+    return ("" if event.state is None else event.state) + slow
 
 
 def _line(event: Event) -> str:
@@ -195,7 +210,7 @@ def run_watch(
                 console.print(view.note_line, style="dim", highlight=False, soft_wrap=True)
             if not live:
                 for row in view.rows.values():
-                    console.print(f"{'state':<24} {row.connection} {row.state}",
+                    console.print(f"{'state':<24} {row.connection} {row.shown_state}",
                                   highlight=False, soft_wrap=True)
 
         seed()

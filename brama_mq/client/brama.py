@@ -16,7 +16,7 @@ from brama_mq.client.guard import Guard, GuardedCall, GuardRuntime
 from brama_mq.client.link import Applied, CommandLink
 from brama_mq.client.local_view import LocalView
 from brama_mq.core.events import OPEN
-from brama_mq.core.policy import DEFAULT_POLICY, check_metadata
+from brama_mq.core.policy import DEFAULT_POLICY, check_duration, check_metadata, check_reporter
 from brama_mq.core.routing import check_names
 from brama_mq.errors import AlreadyRegisteredError, PolicyError
 from brama_mq.settings import Settings
@@ -42,10 +42,19 @@ class Brama:
         settings: Settings | None = None,
         request_timeout: float = 5.0,
         buffer_size: int | None = None,
+        reporter: str | None = None,
     ) -> None:
         """``buffer_size``: commands sent without ``wait`` that may wait for the broker's
         confirm (while it is away, until it is back); one more raises OutboxFullError.
-        Default ``BRAMA_CLIENT_BUFFER`` (10,000)."""
+        Default ``BRAMA_CLIENT_BUFFER`` (10,000).
+
+        ``reporter``: the name every ``success``/``failure`` of this client carries
+        (policies with ``min_reporters`` open only on failures from that many distinct
+        reporters). Default ``BRAMA_REPORTER``, else ``<host>:<pid>`` of the process
+        sending (recomputed after ``fork()``). A fixed name is the same in every
+        process that uses it: they count as one reporter (e.g. one per host)."""
+        if reporter is not None:
+            check_reporter(reporter)
         if settings is None:
             settings = Settings.from_env(
                 broker_url=broker_url, prefix=prefix, shards=shards, client_buffer=buffer_size
@@ -63,7 +72,10 @@ class Brama:
         self.transport = transport
         #: The way to the owner: the link, shard routing, posted commands and RPCs.
         self.commands = CommandLink(
-            transport, request_timeout=request_timeout, max_buffer=settings.client_buffer
+            transport,
+            request_timeout=request_timeout,
+            max_buffer=settings.client_buffer,
+            reporter=settings.reporter if reporter is None else reporter,
         )
         self.local_view: LocalView | None = None  # set by brama_mq.celery / LocalView.attach
         self.guard_runtime: GuardRuntime | None = None  # set by brama_mq.client.guard
@@ -78,6 +90,11 @@ class Brama:
     @request_timeout.setter
     def request_timeout(self, value: float) -> None:
         self.commands.request_timeout = value
+
+    @property
+    def reporter(self) -> str:
+        """The ``reporter`` this client's outcome reports carry in this process."""
+        return self.commands.reporter
 
     @property
     def link(self) -> ClientLink:
@@ -134,10 +151,16 @@ class Brama:
         *,
         scope: str | None = None,
         lease: str | None = None,
+        duration_ms: float | None = None,
         wait: bool = False,
     ) -> Applied | None:
-        options = {"lease": lease} if lease else None
-        return self.commands.command("success", connection, scope, options=options, wait=wait)
+        """Report a successful call. ``duration_ms``: how long it took (a number >= 0,
+        checked here: PolicyError naming it), so a policy with ``slow_call_ms`` can
+        count it as slow. The report carries this client's :attr:`reporter`."""
+        return self.commands.command(
+            "success", connection, scope, options=self._outcome(lease, duration_ms),
+            wait=wait,
+        )
 
     def failure(
         self,
@@ -146,12 +169,23 @@ class Brama:
         scope: str | None = None,
         reason: str | None = None,
         lease: str | None = None,
+        duration_ms: float | None = None,
         wait: bool = False,
     ) -> Applied | None:
-        options = {"lease": lease} if lease else None
+        """Report a failed call; ``duration_ms`` and the reporter as for :meth:`success`."""
         return self.commands.command(
-            "failure", connection, scope, reason=reason, options=options, wait=wait
+            "failure", connection, scope, reason=reason,
+            options=self._outcome(lease, duration_ms), wait=wait,
         )
+
+    def _outcome(self, lease: str | None, duration_ms: float | None) -> dict[str, Any]:
+        """The options of an outcome report: always the reporter, the rest when given."""
+        options: dict[str, Any] = {"reporter": self.commands.reporter}
+        if lease:
+            options["lease"] = lease
+        if duration_ms is not None:
+            options["duration_ms"] = check_duration(duration_ms)
+        return options
 
     def open(
         self,
@@ -267,12 +301,14 @@ class Brama:
     ) -> GuardedCall:
         """Guard a block: ``with client.guard("payment_api", scope="payments"):``.
 
-        Before the block: closed -> run; open -> CircuitOpenError (with the time left);
-        half-open -> run only with a probe permit from the owner. After it: the outcome
-        is reported in the background (``record``: exceptions that are failures;
-        ``ignore``: exceptions that report nothing; others count as success). The first
-        guard in a process starts its local view (see :mod:`brama_mq.client.guard`).
-        Works as ``async with`` too.
+        Before the block: closed -> run; open (also mode ``forced_open``) ->
+        CircuitOpenError (with the time left); half-open -> run only with a probe permit
+        from the owner. After it: the outcome and how long the block took
+        (``duration_ms``, timed here with ``time.monotonic()``) are reported in the
+        background (``record``: exceptions that are failures; ``ignore``: exceptions
+        that report nothing; others count as success). The first guard in a process
+        starts its local view (see :mod:`brama_mq.client.guard`). Works as
+        ``async with`` too.
         """
         return self._guard_for(connection, scope, record, ignore).call()
 

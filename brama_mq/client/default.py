@@ -43,12 +43,33 @@ def unregister(connection: str, **kwargs: Any) -> Applied | None:
     return default_client().unregister(connection, **kwargs)
 
 
-def success(connection: str, **kwargs: Any) -> Applied | None:
-    return default_client().success(connection, **kwargs)
+def success(
+    connection: str,
+    *,
+    scope: str | None = None,
+    lease: str | None = None,
+    duration_ms: float | None = None,
+    wait: bool = False,
+) -> Applied | None:
+    """``Brama.success`` of the default client (``duration_ms`` checked before sending)."""
+    return default_client().success(
+        connection, scope=scope, lease=lease, duration_ms=duration_ms, wait=wait
+    )
 
 
-def failure(connection: str, **kwargs: Any) -> Applied | None:
-    return default_client().failure(connection, **kwargs)
+def failure(
+    connection: str,
+    *,
+    scope: str | None = None,
+    reason: str | None = None,
+    lease: str | None = None,
+    duration_ms: float | None = None,
+    wait: bool = False,
+) -> Applied | None:
+    """``Brama.failure`` of the default client (``duration_ms`` checked before sending)."""
+    return default_client().failure(
+        connection, scope=scope, reason=reason, lease=lease, duration_ms=duration_ms, wait=wait
+    )
 
 
 def open_circuit(connection: str, **kwargs: Any) -> Applied | None:

@@ -19,6 +19,15 @@ service and the service answered; pybreaker and Resilience4j count them the same
 way); ``BaseException``\\ s that are not ``Exception``\\ s (cancellation, exit) report
 nothing. Whenever nothing is reported for a call that held a probe permit, the permit
 is given back. Reporting never raises into the caller.
+
+Every guarded call is timed here, in the caller's process (``time.monotonic()`` from
+just before the call to just after it; the owner never measures), and its outcome
+carries ``duration_ms``, so a policy with ``slow_call_ms`` can count slow calls.
+
+Modes: the owner holds a ``forced_open`` circuit open until closed by hand (no
+``open_until``), so every check refuses it with ``retry_after_ms`` None; ``disabled``
+and ``metrics_only`` circuits stay closed, so every check admits them. The view keeps
+each circuit's mode (:meth:`LocalView.mode`, :attr:`Guard.mode`).
 """
 
 from __future__ import annotations
@@ -66,6 +75,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("brama_mq.guard")
+
+_monotonic = time.monotonic
 
 F = TypeVar("F", bound=Callable[..., Any])
 ExceptionTypes = tuple[type[BaseException], ...]
@@ -207,7 +218,9 @@ class GuardRuntime:
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
         outbox_size: int = DEFAULT_OUTBOX_SIZE,
+        reporter: str | None = None,
     ) -> None:
+        """``reporter``: the name the outbox's reports carry (None: the client's)."""
         self.client = client
         self.pid = os.getpid()
         if view is None:
@@ -218,7 +231,7 @@ class GuardRuntime:
         #: Until then, a check that finds the view not bootstrapped yet waits for it.
         self.startup_deadline = time.monotonic() + startup_timeout
         self.probe_timeout = probe_timeout
-        self.outbox = Outbox(client.commands, max_size=outbox_size)
+        self.outbox = Outbox(client.commands, max_size=outbox_size, reporter=reporter)
         #: key -> (entry seq, wall ms): the owner refused a permit; do not ask again
         #: before that time unless the circuit moved (a newer seq) meanwhile.
         self._no_permit: dict[str, tuple[tuple[int, int], int]] = {}
@@ -332,9 +345,9 @@ def runtime_for(client: GuardClient, *, wait: bool = True, **options: Any) -> Gu
     """The client's :class:`GuardRuntime` in this process, made and started on first use.
 
     ``options`` (``max_staleness``, ``fail_mode``, ``startup_timeout``,
-    ``probe_timeout``, ``outbox_size``) apply when it is made; by default they come from
-    ``BRAMA_VIEW_MAX_STALENESS`` and ``BRAMA_FAIL_MODE``. A view the client already has
-    (``LocalView.attach``) is used as is.
+    ``probe_timeout``, ``outbox_size``, ``reporter``) apply when it is made; by default
+    they come from ``BRAMA_VIEW_MAX_STALENESS`` and ``BRAMA_FAIL_MODE``. A view the
+    client already has (``LocalView.attach``) is used as is.
     """
     runtime = client.guard_runtime
     if runtime is not None and runtime.pid == os.getpid():
@@ -408,6 +421,14 @@ class Guard:
     def __repr__(self) -> str:
         return f"Guard({self.where!r})"
 
+    @property
+    def mode(self) -> str | None:
+        """The circuit's operating mode as this process's view knows it (``normal``,
+        ``disabled``, ``forced_open``, ``metrics_only``); None when the view cannot
+        vouch for it (not started, not bootstrapped, stale, unknown connection)."""
+        view = self.client.local_view
+        return None if view is None else view.mode(self.connection, self.scope)
+
     # ------------------------------------------------------------------ before
     def admit(self) -> Admission:
         """The check: :data:`ADMIT_CLOSED` from the view for a closed circuit, else the
@@ -445,22 +466,27 @@ class Guard:
             runtime = runtime_for(self.client, wait=False)
         return runtime.outbox
 
-    def settle(self, admission: Admission, exc: BaseException | None) -> None:
-        """Report the outcome of an admitted call (see the module doc). Never raises."""
+    def settle(
+        self, admission: Admission, exc: BaseException | None, duration_ms: float | None = None
+    ) -> None:
+        """Report the outcome of an admitted call (see the module doc), with the call's
+        ``duration_ms`` (measured by the caller, >= 0). Never raises."""
         try:
             if not admission.report:
                 return
             if exc is None:
-                self._outbox().put("success", self.connection, self.scope, None, admission.lease)
+                self._outbox().put("success", self.connection, self.scope, None,
+                                   admission.lease, duration_ms)
             elif not isinstance(exc, Exception) or isinstance(exc, self.ignore):
                 self.release(admission)
             elif isinstance(exc, self.record):
                 self._outbox().put(
                     "failure", self.connection, self.scope, describe_exception(exc),
-                    admission.lease,
+                    admission.lease, duration_ms,
                 )
             else:
-                self._outbox().put("success", self.connection, self.scope, None, admission.lease)
+                self._outbox().put("success", self.connection, self.scope, None,
+                                   admission.lease, duration_ms)
         except Exception:
             log.exception("brama guard: reporting the outcome of %s failed", self.where)
 
@@ -488,12 +514,13 @@ class Guard:
                 admission = await self.admit_async()
                 if not admission.allowed:
                     raise self.refusal(admission)
+                started = _monotonic()
                 try:
                     result = await async_fn(*args, **kwargs)
                 except BaseException as exc:
-                    self.settle(admission, exc)
+                    self.settle(admission, exc, (_monotonic() - started) * 1000.0)
                     raise
-                self.settle(admission, None)
+                self.settle(admission, None, (_monotonic() - started) * 1000.0)
                 return result
 
             async_wrapper.__brama_guard__ = self  # type: ignore[attr-defined]
@@ -504,12 +531,13 @@ class Guard:
             admission = self.admit()
             if not admission.allowed:
                 raise self.refusal(admission)
+            started = _monotonic()
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
-                self.settle(admission, exc)
+                self.settle(admission, exc, (_monotonic() - started) * 1000.0)
                 raise
-            self.settle(admission, None)
+            self.settle(admission, None, (_monotonic() - started) * 1000.0)
             return result
 
         wrapper.__brama_guard__ = self  # type: ignore[attr-defined]
@@ -518,33 +546,38 @@ class Guard:
 
 class GuardedCall:
     """``with client.guard(...) as admission:`` — refuses with CircuitOpenError before
-    the block when the circuit is open, reports the block's outcome after it. The
-    exception (if any) always propagates. Also usable as ``async with``."""
+    the block when the circuit is open, reports the block's outcome (and how long the
+    block took) after it. The exception (if any) always propagates. Also usable as
+    ``async with``."""
 
-    __slots__ = ("admission", "guard")
+    __slots__ = ("admission", "guard", "started")
 
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
         self.admission: Admission | None = None
+        self.started = 0.0
 
     def __enter__(self) -> Admission:
         admission = self.guard.admit()
         if not admission.allowed:
             raise self.guard.refusal(admission)
         self.admission = admission
+        self.started = _monotonic()
         return admission
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         admission = self.admission
         if admission is not None:
+            duration_ms = (_monotonic() - self.started) * 1000.0
             self.admission = None
-            self.guard.settle(admission, exc)
+            self.guard.settle(admission, exc, duration_ms)
 
     async def __aenter__(self) -> Admission:
         admission = await self.guard.admit_async()
         if not admission.allowed:
             raise self.guard.refusal(admission)
         self.admission = admission
+        self.started = _monotonic()
         return admission
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:

@@ -8,24 +8,47 @@ below all of them and imports none of them, so the client package has no import 
 
 The link is opened on first use (thread-safe) and is this process's own: after a
 ``fork()`` the child's next command opens a new one (see :func:`_after_fork`).
+
+It also names the sender of outcome reports: :attr:`CommandLink.reporter`, the
+``reporter`` every ``success``/``failure`` carries (a policy's ``min_reporters`` counts
+distinct ones). By default it is :func:`process_reporter`, ``<host>:<pid>``, recomputed
+in a forked child, so each process of a pre-forking server reports as itself.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from brama_mq.core.policy import MAX_REPORTER_CHARS, check_reporter
 from brama_mq.core.routing import stable_shard
 from brama_mq.errors import CommandRejectedError, NotRegisteredError
 from brama_mq.protocol import Event, Reply, command_body, decode_reply
 from brama_mq.protocol.clock import wall_clock_ms
 from brama_mq.transport.base import ClientLink, Transport
 
-__all__ = ["Applied", "BufferedLink", "CommandLink"]
+__all__ = ["Applied", "BufferedLink", "CommandLink", "process_reporter"]
+
+#: This process's default reporter, made on first use (the fork hook forgets it).
+_PROCESS_REPORTER: str | None = None
+
+
+def process_reporter() -> str:
+    """The default ``reporter`` of this process's outcome reports: ``<host>:<pid>``
+    (the host name cut so the whole fits the protocol's 200 characters). Computed once
+    per process: a forked child computes its own (see :func:`_after_fork`)."""
+    global _PROCESS_REPORTER
+    name = _PROCESS_REPORTER
+    if name is None:
+        pid = str(os.getpid())
+        host = socket.gethostname() or "localhost"
+        name = _PROCESS_REPORTER = f"{host[: MAX_REPORTER_CHARS - len(pid) - 1]}:{pid}"
+    return name
 
 
 @dataclass(slots=True)
@@ -66,6 +89,7 @@ class CommandLink:
 
     ``request_timeout``: seconds an RPC waits by default. ``max_buffer``: commands a
     buffering link may keep while the broker is away (None: the link's default).
+    ``reporter``: the name outcome reports carry (None: :func:`process_reporter`).
     """
 
     def __init__(
@@ -74,13 +98,28 @@ class CommandLink:
         *,
         request_timeout: float = 5.0,
         max_buffer: int | None = None,
+        reporter: str | None = None,
     ) -> None:
         self.transport = transport
         self.request_timeout = request_timeout
         self.max_buffer = max_buffer
+        self._reporter = None if reporter is None else check_reporter(reporter)
         self._link: ClientLink | None = None
         self._buffered: BufferedLink | None = None
         self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the reporter
+    @property
+    def reporter(self) -> str:
+        """The ``reporter`` of this client's outcome reports: the one it was given, else
+        this process's :func:`process_reporter` (so a forked child reports as itself)."""
+        name = self._reporter
+        return process_reporter() if name is None else name
+
+    @reporter.setter
+    def reporter(self, name: str | None) -> None:
+        """A fixed name (checked: 1..200 characters), or None for the process default."""
+        self._reporter = None if name is None else check_reporter(name)
 
     # ------------------------------------------------------------------ the link
     @property
@@ -239,7 +278,10 @@ _INHERITED: list[ClientLink] = []
 def _after_fork() -> None:
     # The parent's link (socket, I/O thread) is not this process's: the next command
     # opens a new one. Closing it here would talk on the parent's connection; its lock
-    # may have been held by a parent thread that does not exist here.
+    # may have been held by a parent thread that does not exist here. The child is a
+    # reporter of its own: its default name has its pid.
+    global _PROCESS_REPORTER
+    _PROCESS_REPORTER = None
     for commands in list(_LINKS):
         if commands._link is not None:
             _INHERITED.append(commands._link)

@@ -21,6 +21,10 @@ lock or reads a clock; the background threads keep it honest:
   check falls through to the slow path, which applies the fail mode. It logs the
   change both ways.
 
+Each entry also keeps the circuit's operating mode (``data.mode`` of events, absent
+meaning ``normal``; ``mode`` of snapshot rows): a change of mode is a ``state_change``
+with reason ``mode``, also when the state stays what it was.
+
 One view per process: threads and connections are never shared across ``fork()``
 (after a fork the child's copy is emptied and marked dead, see :func:`_after_fork`).
 """
@@ -44,6 +48,7 @@ from brama_mq.core.events import (
     STATE_CHANGE,
     STATES,
 )
+from brama_mq.core.policy import MODES, NORMAL
 from brama_mq.core.routing import encode_name, encode_scope
 from brama_mq.errors import BramaError
 from brama_mq.transport.base import Delivery, EventSource, Transport
@@ -121,6 +126,15 @@ class ViewEntry(NamedTuple):
     seq: int
     #: With ``seq``, orders what the view accepts (:mod:`brama_mq.core.ordering`).
     epoch: int = 0
+    #: The operating mode: normal, disabled, forced_open or metrics_only.
+    mode: str = NORMAL
+
+
+def _mode(value: Any) -> str:
+    """A mode as events and status rows give it (absent or unknown: ``normal``)."""
+    if isinstance(value, str) and value in MODES:
+        return MODES[MODES.index(value)]
+    return NORMAL
 
 
 class LocalView:
@@ -268,6 +282,14 @@ class LocalView:
         entry = self.entry(connection, scope)
         return None if entry is None else entry.state
 
+    def mode(self, connection: str, scope: str | None = None) -> str | None:
+        """The connection's operating mode, or None when the view cannot vouch for it
+        (as :meth:`state`)."""
+        if not self.usable:
+            return None
+        entry = self.entry(connection, scope)
+        return None if entry is None else entry.mode
+
     def entries(self) -> list[ViewEntry]:
         """Every live entry (a copy)."""
         return [e for e in list(self._entries.values()) if e.state != REMOVED]
@@ -330,7 +352,8 @@ class LocalView:
             open_until = data.get("open_until") if state == OPEN else None
             if not isinstance(open_until, int):
                 open_until = None
-            self._set(key, ViewEntry(scope, connection, str(state), open_until, seq, epoch))
+            self._set(key, ViewEntry(scope, connection, str(state), open_until, seq, epoch,
+                                     _mode(data.get("mode"))))
             self.counters["events"] += 1
         return True
 
@@ -355,7 +378,8 @@ class LocalView:
                 open_until = status.get("open_until") if state == OPEN else None
                 if not isinstance(open_until, int):
                     open_until = None
-                self._set(key, ViewEntry(scope, connection, state, open_until, seq, epoch))
+                self._set(key, ViewEntry(scope, connection, state, open_until, seq, epoch,
+                                         _mode(status.get("mode"))))
             for key, entry in list(self._entries.items()):
                 if key not in seen and entry.state != REMOVED:
                     self._set(key, entry._replace(state=REMOVED, open_until=None))

@@ -24,6 +24,10 @@ client and process:
   WARNING line every 10 s).
 
 Failures and the outcomes of probe calls (which carry a lease) are never merged.
+Guarded calls carry their ``duration_ms``: successes merge only with successes whose
+duration rounds up to the same whole millisecond (see :func:`coalesce`), so a merged
+report is slow for exactly the ``slow_call_ms`` its parts were. Every command carries
+the client's ``reporter`` (:attr:`Outbox.reporter`, else the link's).
 ``release_probe`` requests (a probe permit given back because the call reported
 nothing) go through the same queue and are tried once: a lost one only means the
 permit comes back when its lease times out.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import threading
 import time
@@ -68,7 +73,8 @@ DROP_LOG_INTERVAL: Final = 10.0
 class Report(NamedTuple):
     """One outcome to send: ``op`` is success, failure or release_probe; ``ts_ns`` is
     the wall clock when it was queued (the queue holds plain tuples of these fields);
-    ``times``: successes in a row this report stands for (see :func:`coalesce`)."""
+    ``times``: successes in a row this report stands for (see :func:`coalesce`);
+    ``duration_ms``: how long the call took (None: not measured)."""
 
     op: str
     connection: str
@@ -77,44 +83,67 @@ class Report(NamedTuple):
     lease: str | None
     ts_ns: int
     times: int = 1
+    duration_ms: float | None = None
 
 
 def coalesce(reports: Sequence[tuple[Any, ...]]) -> list[Report]:
     """Merge each run of lease-less successes of one connection into one report with
     ``count``, keeping every connection's order of outcomes (a failure, a probe's
-    outcome or a permit release ends the run). The owner applies ``count`` successes
-    exactly as that many single ones (one ``success`` event, with ``data.count``).
+    outcome, a permit release, or a success that may not join the run ends it). The
+    owner applies ``count`` successes exactly as that many single ones (one ``success``
+    event, with ``data.count``), each with the report's ``duration_ms``.
 
-    Takes :class:`Report`\\ s or the outbox's raw tuples (``times`` missing: 1): the
-    sender merges the queue's tuples directly, so a success costs it a dict lookup,
-    not an object; only the merged reports are built.
+    Durations: the sent ``duration_ms`` is the measured one rounded to the microsecond,
+    and a success joins a run only when its duration rounds *up* to the same whole
+    millisecond as the run's, everything up to 1 ms counting as 1 (a success without a
+    duration only joins one without). The owner calls a success slow when
+    ``duration_ms > slow_call_ms``, an integer >= 1, and for any integer ``t >= 1``,
+    ``d > t`` exactly when ``max(1, ceil(d)) > t``: every part of a run is slow for the
+    same policies as the merged report, which says the run's longest duration. Guarded
+    calls of a fast service (all within a millisecond) still merge as before; calls of
+    varied, longer durations mostly go one by one, which costs little next to the calls.
+
+    Takes :class:`Report`\\ s or the outbox's raw tuples (the same fields): the sender
+    merges the queue's tuples directly, so a success costs it a dict lookup, not an
+    object; only the merged reports are built.
     """
     heads: list[tuple[Any, ...]] = []
     times: list[int] = []
     last_ts: list[int] = []
-    runs: dict[tuple[str, str | None], int] = {}
+    durations: list[float | None] = []
+    #: (connection, scope) -> (index of its open run in heads, the run's whole ms)
+    runs: dict[tuple[str, str | None], tuple[int, int | None]] = {}
     for r in reports:
-        n = r[6] if len(r) > 6 else 1
+        duration = r[7]
+        if duration is not None:
+            duration = round(duration, 3)
         if r[0] == "success" and r[4] is None:
             key = (r[1], r[2])
-            at = runs.get(key)
-            if at is not None:
-                times[at] += n
+            whole = None if duration is None else max(1, math.ceil(duration))
+            run = runs.get(key)
+            if run is not None and run[1] == whole:
+                at = run[0]
+                times[at] += r[6]
                 last_ts[at] = r[5]
+                longest = durations[at]
+                if duration is not None and (longest is None or duration > longest):
+                    durations[at] = duration
                 continue
-            runs[key] = len(heads)
+            runs[key] = (len(heads), whole)
         else:
             runs.pop((r[1], r[2]), None)
         heads.append(r)
-        times.append(n)
+        times.append(r[6])
         last_ts.append(r[5])
+        durations.append(duration)
     return [
-        Report(h[0], h[1], h[2], h[3], h[4], last_ts[i], times[i]) for i, h in enumerate(heads)
+        Report(h[0], h[1], h[2], h[3], h[4], last_ts[i], times[i], durations[i])
+        for i, h in enumerate(heads)
     ]
 
 
-#: A queued report as put() appends it: (op, connection, scope, reason, lease, ts_ns).
-_Raw = tuple[str, str, str | None, str | None, str | None, int]
+#: A queued report as put() appends it: the fields of :class:`Report`.
+_Raw = tuple[str, str, str | None, str | None, str | None, int, int, float | None]
 
 
 class Outbox:
@@ -127,10 +156,13 @@ class Outbox:
         max_size: int = DEFAULT_OUTBOX_SIZE,
         batch: int = DEFAULT_BATCH,
         linger: float = DEFAULT_LINGER_S,
+        reporter: str | None = None,
     ) -> None:
         if max_size < 1 or batch < 1:
             raise ValueError("max_size and batch must be >= 1")
         self.commands = commands
+        #: The ``reporter`` of every report sent (None: the link's, see CommandLink).
+        self.reporter = reporter
         self.max_size = max_size
         self.batch = batch
         self.linger = linger
@@ -163,13 +195,15 @@ class Outbox:
         scope: str | None,
         reason: str | None = None,
         lease: str | None = None,
+        duration_ms: float | None = None,
     ) -> bool:
-        """Queue a report; False (and counted) when the outbox is full. Never raises."""
+        """Queue a report (``duration_ms``: the call's, measured by the caller); False
+        (and counted) when the outbox is full. Never raises."""
         queue = self._queue
         if len(queue) >= self.max_size:
             self._drop(op, connection)
             return False
-        queue.append((op, connection, scope, reason, lease, time_ns()))
+        queue.append((op, connection, scope, reason, lease, time_ns(), 1, duration_ms))
         if self._idle or (self._holding and (lease is not None or op != "success")):
             self._wake.set()
         elif self._thread is None:
@@ -322,6 +356,7 @@ class Outbox:
         """Hand the batch to the client's :class:`CommandLink`: posted (kept until the
         broker confirmed it, republished after a reconnect). Permit releases are RPCs."""
         commands = self.commands
+        reporter = commands.reporter if self.reporter is None else self.reporter
         bodies: list[tuple[bytes, str]] = []
         releases: list[Report] = []
         merged = coalesce(reports)
@@ -331,7 +366,7 @@ class Outbox:
                 releases.append(r)
                 continue
             try:
-                body = self.encode(r)
+                body = self.encode(r, reporter)
             except (InvalidNameError, ProtocolError) as exc:  # would block the queue
                 self.counters["dropped"] += r.times
                 log.warning("brama outbox: %s for %r dropped (%s)", r.op, r.connection, exc)
@@ -352,10 +387,11 @@ class Outbox:
                 log.info("brama outbox: giving back probe permit %s failed (%s)", r.lease, exc)
 
     @staticmethod
-    def encode(r: Report) -> bytes:
+    def encode(r: Report, reporter: str | None = None) -> bytes:
         """The command of a report, by the protocol's encoder (``report_body``, which is
-        ``command_body`` with ``options.lease`` or ``options.count``). The reason is cut
-        to :data:`MAX_REASON` and a lone surrogate in it replaced, so no exception text
+        ``command_body`` with ``options.lease`` or ``options.count``, and
+        ``duration_ms`` and ``reporter`` when given). The reason is cut to
+        :data:`MAX_REASON` and a lone surrogate in it replaced, so no exception text
         makes the body invalid."""
         reason = r.reason
         if reason is not None:
@@ -365,7 +401,7 @@ class Outbox:
                 reason = reason.encode("utf-8", "replace").decode("utf-8")
         return report_body(
             r.op, r.connection, r.scope, reason, now_ms=r.ts_ns // 1_000_000, lease=r.lease,
-            count=r.times,
+            count=r.times, duration_ms=r.duration_ms, reporter=reporter,
         )
 
 
