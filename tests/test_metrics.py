@@ -296,9 +296,17 @@ def test_worker_otel_flag_records_on_the_global_meter_provider(
         def latest() -> dict[str, list[tuple[dict[str, Any], Any]]]:
             lines = out.read_text().splitlines() if out.exists() else []
             found: dict[str, list[tuple[dict[str, Any], Any]]] = {}
-            if not lines:
+            # The exporter may be writing the last line as we read: use the newest whole one.
+            parsed = None
+            for line in reversed(lines):
+                try:
+                    parsed = json.loads(line)
+                    break
+                except json.JSONDecodeError:
+                    continue
+            if parsed is None:
                 return found
-            for rm in json.loads(lines[-1])["resource_metrics"]:
+            for rm in parsed["resource_metrics"]:
                 for sm in rm["scope_metrics"]:
                     for metric in sm["metrics"]:
                         for p in metric["data"]["data_points"]:
