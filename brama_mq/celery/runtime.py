@@ -57,7 +57,7 @@ from brama_mq.core.policy import MAX_REPORTER_CHARS, check_reporter
 from brama_mq.errors import PolicyError
 from brama_mq.metrics.guard import GUARD_CHECKS
 from brama_mq.settings import Settings, SettingsError
-from brama_mq.transport import Topology, open_transport
+from brama_mq.transport import transport_for
 
 __all__ = ["AMQP_SCHEMES", "app_settings", "runtime_for_app", "shutdown_runtimes"]
 
@@ -209,12 +209,7 @@ def runtime_for_app(app: Any, *, wait: bool = True) -> GuardRuntime:
         if options["reporter"] is None and client is None and settings.reporter is None:
             options["reporter"] = worker_reporter()
         if client is None:
-            transport = open_transport(
-                settings.broker_url,
-                Topology(settings.prefix, settings.shards),
-                **({} if settings.broker_url.startswith("memory://") else
-                   {"reconnect_timeout": RECONNECT_TIMEOUT_S, **settings.transport_options()}),
-            )
+            transport = transport_for(settings, reconnect_timeout=RECONNECT_TIMEOUT_S)
             client = Brama(transport=transport, settings=settings)
         runtime = runtime_for(client, wait=False, **options)
         _RUNTIMES[id(app)] = (app, runtime, owns)

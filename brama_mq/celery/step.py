@@ -55,7 +55,7 @@ from brama_mq.settings import MEMORY_URL
 from brama_mq.subscribe import Handler, Subscription, _options, subscribe
 from brama_mq.subscribe.filters import FilterValues, filter_keys
 from brama_mq.subscribe.subscription import _handler_calls
-from brama_mq.transport import Topology, Transport, open_transport
+from brama_mq.transport import Transport, transport_for
 
 __all__ = ["EventsStep", "install"]
 
@@ -129,9 +129,7 @@ class EventsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is un
             if settings.broker_url.startswith(MEMORY_URL):
                 raise ValueError("brama events on memory:// need brama_client (the client "
                                  "whose MemoryTransport the owner uses)")
-            transport = open_transport(settings.broker_url,
-                                       Topology(settings.prefix, settings.shards),
-                                       **settings.transport_options())
+            transport = transport_for(settings)
             owns = True
         try:
             sub = subscribe(transport=transport, **options)

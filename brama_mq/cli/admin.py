@@ -35,7 +35,7 @@ from brama_mq.errors import (
     plural,
 )
 from brama_mq.settings import Settings, SettingsError
-from brama_mq.transport import Topology, Transport, open_transport
+from brama_mq.transport import Transport, transport_for
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -126,12 +126,7 @@ def _client(
 
 def read_only_transport(settings: Settings) -> Transport:
     """A transport that declares nothing when the topology is missing (status, watch)."""
-    return open_transport(
-        settings.broker_url,
-        Topology(settings.prefix, settings.shards),
-        bootstrap=False,
-        **settings.transport_options(),
-    )
+    return transport_for(settings, bootstrap=False)
 
 
 def _close(transport: Transport | None) -> None:

@@ -171,7 +171,7 @@ def worker(
       opentelemetry-instrument brama-mq worker --otel
     """
     from brama_mq.owner import Owner
-    from brama_mq.transport import Topology, open_transport
+    from brama_mq.transport import transport_for
 
     try:
         settings = Settings.from_env(
@@ -198,12 +198,7 @@ def worker(
         _fail(f"--shard is required with {settings.shards} shards (one worker per shard)",
               EXIT_USAGE)
     try:
-        transport = open_transport(
-            settings.broker_url,
-            Topology(settings.prefix, settings.shards),
-            reconnect_timeout=reconnect_s,
-            **settings.transport_options(),
-        )
+        transport = transport_for(settings, reconnect_timeout=reconnect_s)
         owner = Owner(
             transport,
             prefetch=settings.prefetch,

@@ -20,7 +20,7 @@ from brama_mq.core.policy import DEFAULT_POLICY, check_duration, check_metadata,
 from brama_mq.core.routing import check_names
 from brama_mq.errors import AlreadyRegisteredError, PolicyError
 from brama_mq.settings import Settings
-from brama_mq.transport import Topology, Transport, open_transport
+from brama_mq.transport import Transport, transport_for
 from brama_mq.transport.base import ClientLink
 
 __all__ = ["Applied", "Brama"]
@@ -64,11 +64,7 @@ class Brama:
         self.settings = settings
         self._owns_transport = transport is None
         if transport is None:
-            transport = open_transport(
-                settings.broker_url,
-                Topology(settings.prefix, settings.shards),
-                **settings.transport_options(),
-            )
+            transport = transport_for(settings)
         self.transport = transport
         #: The way to the owner: the link, shard routing, posted commands and RPCs.
         self.commands = CommandLink(

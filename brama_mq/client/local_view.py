@@ -132,9 +132,7 @@ class ViewEntry(NamedTuple):
 
 def _mode(value: Any) -> str:
     """A mode as events and status rows give it (absent or unknown: ``normal``)."""
-    if isinstance(value, str) and value in MODES:
-        return MODES[MODES.index(value)]
-    return NORMAL
+    return value if isinstance(value, str) and value in MODES else NORMAL
 
 
 class LocalView:

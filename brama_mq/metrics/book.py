@@ -93,7 +93,8 @@ class CircuitBook:
             if data.get("slow"):
                 slow = (*key, "slow")
                 calls[slow] = calls.get(slow, 0) + n
-            self._note_rates(key, data)
+            if "failure_rate" in data:  # window policies carry both rates, always together
+                self._note_rates(key, data)
         if "mode" in data:  # every event of a breaker not in normal mode, and mode changes
             self._note_mode(key, data["mode"])
         state = data.get("state") or data.get("new_state")

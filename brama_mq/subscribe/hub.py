@@ -35,7 +35,7 @@ from brama_mq.settings import MEMORY_URL, Settings
 from brama_mq.subscribe.decode import fast_decode_event
 from brama_mq.subscribe.pump import Pump
 from brama_mq.subscribe.subscription import Options, Subscription, _Item
-from brama_mq.transport import Topology, Transport, open_transport
+from brama_mq.transport import Transport, transport_for
 from brama_mq.transport.base import Delivery
 
 __all__ = ["Hub", "all_hubs", "hub_done", "hub_for"]
@@ -370,10 +370,7 @@ def hub_for(broker_url: str | None, transport: Transport | None, prefix: str | N
     with _registry_lock:
         hub = _hubs.get(key)
         if hub is None:
-            opened = open_transport(
-                settings.broker_url, Topology(settings.prefix, settings.shards),
-                **settings.transport_options(),
-            )
+            opened = transport_for(settings)
             hub = _hubs[key] = Hub(key, opened, owns_transport=True)
         hub.pending += 1
         return hub

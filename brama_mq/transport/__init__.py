@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from brama_mq.settings import MEMORY_URL, check_broker_url
+from brama_mq.settings import MEMORY_URL, Settings, check_broker_url
 from brama_mq.transport.base import (
     JSON,
     ClientLink,
@@ -40,6 +40,7 @@ __all__ = [
     "Topology",
     "Transport",
     "open_transport",
+    "transport_for",
 ]
 
 
@@ -54,6 +55,16 @@ def open_transport(url: str | None, topology: Topology | None = None, **options:
     from brama_mq.transport.amqp import AmqpTransport
 
     return AmqpTransport(url, topology, **options)
+
+
+def transport_for(settings: Settings, **options: Any) -> Transport:
+    """The transport ``settings`` describe: their broker URL, prefix and shard count,
+    heartbeat and TLS; ``options`` add or override AmqpTransport's (ignored in memory)."""
+    return open_transport(
+        settings.broker_url,
+        Topology(settings.prefix, settings.shards),
+        **{**settings.transport_options(), **options},
+    )
 
 
 def __getattr__(name: str) -> Any:
